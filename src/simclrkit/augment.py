@@ -1,0 +1,1026 @@
+"""The SimCLR view transform: per-sample and batched tensor augmentation (paper §3, App. A).
+
+Each view is made by, in this order (reference ``data_util.preprocess_for_train`` followed by
+``batch_random_blur``):
+
+1. a random resized crop (area fraction in ``crop_scale``, aspect ratio in ``crop_ratio``)
+   resampled to ``output_size`` x ``output_size`` with bicubic interpolation;
+2. a horizontal flip with probability ``flip_prob``;
+3. colour jitter with probability ``color_jitter_prob``: brightness, contrast, saturation and
+   hue with strengths 0.8s, 0.8s, 0.8s, 0.2s, in a random order, clipping to [0, 1] after each;
+4. grayscale with probability ``grayscale_prob``;
+5. Gaussian blur with probability ``blur_prob`` (sigma in ``blur_sigma``).
+
+Randomness is counter-based: every random number of a view is a pure function of
+``(seed, epoch, sample_index, view, slot)`` (see :func:`uniforms`). Nothing reads a global or a
+worker RNG, so a run is reproducible, can resume in the middle of an epoch, and gives the same
+views for any number of DataLoader workers and for both code paths: the batched tensor path
+(:meth:`SimCLRAugment.views`, CPU or GPU, no Python loop over samples) and the per-sample path
+(:meth:`SimCLRAugment.__call__`, for DataLoader workers), which is the batched path run on one
+image. The two paths agree to float rounding (~1e-7; reductions may add in another order).
+
+How this differs from the reference (google-research/simclr, ``data_util.py``), and why:
+
+* Crop sampler: torchvision's ``RandomResizedCrop`` algorithm (10 attempts of an area drawn
+  uniformly from ``crop_scale`` and a log-uniform aspect ratio, first one that fits, else a
+  centre crop with the ratio clamped). The reference calls TF's
+  ``sample_distorted_bounding_box`` (aspect uniform, 100 attempts, whole image on failure)
+  with ``min_object_covered=0.1``, which rejects crops under 10% of the image: its effective
+  minimum area fraction is 0.10, ours is 0.08 as the paper states.
+* Resampling: PyTorch's bicubic kernel (Keys, a = -0.75) with half-pixel centres, no
+  antialiasing and clamped-to-edge taps (identical to ``F.grid_sample(mode="bicubic",
+  padding_mode="border", align_corners=False)``, which the tests check). TF1's
+  ``resize_bicubic`` uses a = -0.75 with legacy (not half-pixel) coordinates; TF2's
+  ``tf.image.resize`` uses a = -0.5. Crop and resize are one step from the source to the
+  output size.
+* The resampled view is clipped to [0, 1] at once (the reference clips only after each colour
+  op and at the end): the bicubic overshoot would otherwise leak into the contrast mean and
+  the HSV conversions.
+* Contrast, saturation and hue follow TF, not torchvision: contrast uses the mean of each
+  channel; saturation scales S in HSV and clips it to [0, 1] (so factor 0 gives r = g = b =
+  max, not luma); hue rotates H in HSV. All are exact closed forms, no colour-space round trip.
+* Blur as the reference: ``kernel_size = output_size // 10``, radius ``kernel_size // 2``,
+  ``2 * radius + 1`` taps (23 at 224 px, 3 at 32 px, none below 20 px), separable, with ZERO
+  padding (TF ``padding='SAME'``; torchvision reflects), so the border darkens slightly.
+* Grayscale inputs (C == 1): brightness and contrast apply; saturation, hue and grayscale are
+  no-ops (a one-channel image has no hue and is already gray).
+
+Speed (benchmarks/augment.py): both resampling and blur are separable, and each 1-D pass is a
+weighted gather of whole rows, which ``F.embedding_bag(mode="sum", per_sample_weights=...)``
+computes in one fused kernel on CPU and GPU. All work is at the output size, in float32, in
+place where possible and, on CPU, in chunks of a few megabytes that stay in cache. The
+per-sample bookkeeping (parameters, taps, sort order) is small numpy arithmetic, so nothing
+waits on the device. On CPU, page faults from fresh memory are a large share of the time:
+``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting) and ``apply(..., out=buffer)`` both help. The
+path runs a few hundred small ops per chunk: on a CPU shared with other jobs, intra-op threads
+that wait for a busy core slow it down many times, so prefer ``torch.set_num_threads(1)`` per
+process there (DataLoader workers do this already).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NUM_SLOTS",
+    "EvalAugment",
+    "SimCLRAugment",
+    "apply_eval",
+    "cifar_augment",
+    "default_blur",
+    "imagenet_augment",
+    "uniforms",
+]
+
+Params = dict[str, torch.Tensor]
+Indices = torch.Tensor | Sequence[int] | np.ndarray
+
+# --------------------------------------------------------------------------------------------
+# Counter-based randomness
+# --------------------------------------------------------------------------------------------
+
+# splitmix64 (Steele, Lea, Flood 2014): a Weyl increment followed by a bijective finaliser with
+# full avalanche. numpy uint64 arithmetic wraps modulo 2**64, which is what the hash needs.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = z + _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def _as_int64(values: Indices | int, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers, got dtype {array.dtype}")
+    return array.astype(np.int64).reshape(-1)
+
+
+def _uniforms(
+    seed: int, epoch: int, indices: Indices, view: Indices | int, num_slots: int
+) -> np.ndarray:
+    index = _as_int64(indices, "indices")
+    views = np.broadcast_to(_as_int64(view, "view"), index.shape)
+    key = _mix64(np.full(index.shape, int(seed) & _MASK64, dtype=np.uint64))
+    key = _mix64(key ^ np.uint64(int(epoch) & _MASK64))
+    key = _mix64(key ^ index.view(np.uint64))
+    key = _mix64(key ^ views.view(np.uint64))
+    bits = _mix64(key[:, None] ^ np.arange(num_slots, dtype=np.uint64)[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def uniforms(
+    seed: int, epoch: int, indices: Indices, view: int | Indices, num_slots: int
+) -> torch.Tensor:
+    """Counter-based uniform random numbers for a batch of views.
+
+    Entry ``[b, s]`` is a pure function of ``(seed, epoch, indices[b], view, s)``: it does not
+    depend on the other samples of the batch, on call order or on any global RNG state.
+
+    Args:
+        seed: run seed (any Python int; taken modulo 2**64).
+        epoch: epoch number.
+        indices: (B,) dataset indices of the samples.
+        view: which view (0, 1, ...), one for all samples or (B,) one per sample.
+        num_slots: how many numbers per sample.
+
+    Returns:
+        (B, num_slots) float64 tensor in [0, 1), on the CPU; the top 53 bits of a 64-bit hash.
+    """
+    if num_slots < 0:
+        raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+    return torch.from_numpy(_uniforms(seed, epoch, indices, view, num_slots))
+
+
+# Slot layout of one view: which uniform feeds which decision. Fixed, so that changing one
+# probability never reshuffles the other decisions of the same view.
+_CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop
+_SLOT_CROP = 0  # 4 per attempt: area, log-aspect, top, left
+_SLOT_FLIP = 4 * _CROP_ATTEMPTS
+_SLOT_JITTER = _SLOT_FLIP + 1
+_SLOT_BRIGHTNESS = _SLOT_JITTER + 1
+_SLOT_CONTRAST = _SLOT_BRIGHTNESS + 1
+_SLOT_SATURATION = _SLOT_CONTRAST + 1
+_SLOT_HUE = _SLOT_SATURATION + 1
+_SLOT_ORDER = _SLOT_HUE + 1  # 4 slots, argsorted into a permutation
+_SLOT_GRAYSCALE = _SLOT_ORDER + 4
+_SLOT_BLUR = _SLOT_GRAYSCALE + 1
+_SLOT_SIGMA = _SLOT_BLUR + 1
+NUM_SLOTS = _SLOT_SIGMA + 1
+"""Uniforms drawn per view by :meth:`SimCLRAugment.sample_params`."""
+
+# Colour ops, numbered as in the reference color_jitter_rand.
+_OP_NAMES = ("brightness", "contrast", "saturation", "hue")
+_PARAM_NAMES = (
+    "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast",
+    "saturation", "hue", "order", "grayscale", "blur", "sigma",
+)  # fmt: skip
+_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
+_CPU_CHUNK_BYTES = 8 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter sampling (numpy: per-sample bookkeeping on tiny arrays)
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_crop_boxes(
+    u: np.ndarray, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params, vectorised over the batch.
+
+    Args:
+        u: (B, 4 * _CROP_ATTEMPTS) uniforms.
+
+    Returns:
+        (B, 4) int64: top, left, crop height, crop width in source pixels.
+    """
+    u = u.reshape(u.shape[0], _CROP_ATTEMPTS, 4)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    # np.rint halves to even, like Python's round() in torchvision.
+    crop_w = np.rint(np.sqrt(area * aspect))
+    crop_h = np.rint(np.sqrt(area / aspect))
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    top = np.floor(u[..., 2] * (height - crop_h + 1))
+    left = np.floor(u[..., 3] * (width - crop_w + 1))
+    first = np.argmax(fits, axis=1)  # the first attempt that fits
+    rows = np.arange(u.shape[0])
+    chosen = np.stack([v[rows, first] for v in (top, left, crop_h, crop_w)], axis=1)
+    # Fallback: the whole image, or a centre crop with the aspect ratio clamped to the range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fb_w, fb_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fb_w, fb_h = int(round(height * ratio[1])), height
+    else:
+        fb_w, fb_h = width, height
+    fallback = np.array([(height - fb_h) // 2, (width - fb_w) // 2, fb_h, fb_w])
+    return np.where(fits.any(axis=1)[:, None], chosen, fallback).astype(np.int64)
+
+
+def _uniform(u: np.ndarray, low: float, high: float) -> np.ndarray:
+    return low + (high - low) * u
+
+
+def _center_crop_box(height: int, width: int, proportion: float) -> tuple[int, int, int, int]:
+    """The reference center_crop for a square output: side rint(proportion * shorter side)."""
+    side = int(np.rint(proportion * min(height, width)))
+    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
+
+
+def _fixed_params(batch: int, box: tuple[int, int, int, int]) -> Params:
+    """Parameters that crop ``box`` and do nothing else (for evaluation)."""
+    top, left, crop_h, crop_w = (torch.full((batch,), v, dtype=torch.int64) for v in box)
+    off = torch.zeros(batch, dtype=torch.bool)
+    one = torch.ones(batch, dtype=torch.float64)
+    return {
+        "top": top, "left": left, "height": crop_h, "width": crop_w,
+        "flip": off, "jitter": off.clone(),
+        "brightness": one, "contrast": one.clone(), "saturation": one.clone(),
+        "hue": torch.zeros(batch, dtype=torch.float64),
+        "order": torch.arange(4).repeat(batch, 1),
+        "grayscale": off.clone(), "blur": off.clone(), "sigma": one.clone(),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering. Image work is batched tensor ops on the images' device; the per-sample decisions
+# are numpy arrays on the host, so nothing waits on the device.
+#
+# Layout: a chunk of n images lives in a table of rows. The resize leaves each view
+# transposed, rows (sample, channel, x) holding a column over y: every colour op is per pixel
+# or per channel, so it does not care, and the blur's transpose or the last copy restores the
+# layout. The samples are also SORTED by their decisions (blur, grayscale, jitter, order of the
+# four ops): each colour op then runs in place on a few contiguous slices instead of gathering
+# and scattering subsets, the blurred samples form one block, and the last copy puts the
+# samples back in their original order.
+# --------------------------------------------------------------------------------------------
+
+
+class _Buffers:
+    """Scratch tensors reused across the chunks of one call: fresh memory costs page faults."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._store: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self._store.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+            self._store[name] = buffer
+        return buffer[:numel].view(shape)
+
+
+def _to_device(array: np.ndarray, device: torch.device, dtype: type) -> torch.Tensor:
+    """A host array as a tensor on ``device``, without waiting for the device."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+    if device.type == "cpu":
+        return tensor
+    # A copy from pageable memory waits for the stream; from (cached) pinned memory it does not.
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _padded_width(width: int) -> int:
+    # A transpose that walks rows of a multiple of 64 floats hits the same cache sets over and
+    # over (3x slower measured at 256 px); a few spare columns avoid it.
+    return width + 16 if width % 64 == 0 else width
+
+
+def _gather_rows(
+    table: torch.Tensor, plane_start: np.ndarray, index: np.ndarray, weight: np.ndarray
+) -> torch.Tensor:
+    """Weighted sums of table rows: one fused ``embedding_bag`` over all planes and rows.
+
+    out[(i, c, s)] = sum_k weight[i, s, k] * table[plane_start[i, c] + index[i, s, k]]
+
+    Args:
+        table: (R, L) float32 rows.
+        plane_start: (n, C) first row of each plane.
+        index: (n, S, K) row offsets within a plane.
+        weight: (n, S, K) or (n, 1, K) weights.
+
+    Returns:
+        (n * C * S, L) float32.
+    """
+    n, channels = plane_start.shape
+    size, taps = index.shape[1], index.shape[2]
+    device = table.device
+    start = _to_device(plane_start, device, np.int64)
+    offsets = _to_device(index, device, np.int64)
+    flat = (start.view(n, channels, 1, 1) + offsets.unsqueeze(1)).reshape(-1, taps)
+    weights = _to_device(weight, device, np.float32)
+    weights = weights.unsqueeze(1).expand(n, channels, size, taps).reshape(-1, taps)
+    return F.embedding_bag(flat, table, mode="sum", per_sample_weights=weights)
+
+
+def _cubic_taps(
+    start: np.ndarray, length: np.ndarray, source_size: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bicubic taps (Keys, a = -0.75, half-pixel centres) for a crop resampled to ``size``.
+
+    Args:
+        start: (B,) first source pixel of the crop; length: (B,) its extent in pixels.
+
+    Returns:
+        index (B, size, 4) clamped to the image (edge replication) and weight (B, size, 4).
+    """
+    a = -0.75
+    position = np.arange(size) + 0.5
+    # Source coordinate of each output pixel centre, pixel k's centre being at k.
+    u = start[:, None] + position * (length[:, None] / size) - 0.5
+    floor = np.floor(u)
+    t = (u - floor)[..., None]
+    distance = np.concatenate([t + 1, t, 1 - t, 2 - t], axis=-1)  # to taps floor-1 .. floor+2
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1  # |d| <= 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a  # 1 < |d| < 2
+    weight = np.where(distance <= 1, near, far)
+    index = np.clip(floor.astype(np.int64)[..., None] + np.arange(-1, 3), 0, source_size - 1)
+    return index, weight
+
+
+def _resize(
+    images: torch.Tensor,
+    params: dict[str, np.ndarray],
+    order: np.ndarray,
+    size: int,
+    buffers: _Buffers,
+) -> torch.Tensor:
+    """Crop, flip and bicubic-resize every sample at once (paper §3, "random crop and resize").
+
+    Separable: one gather of source rows (vertical pass), a transpose, one gather of columns
+    (horizontal pass). The uint8 -> [0, 1] scaling is folded into the first pass's weights.
+
+    Args:
+        images: (n, C, H, W) uint8 (0..255) or float (0..1), in the original order.
+        params: crop box and flip, in the sorted order.
+        order: (n,) the original index of each sorted sample.
+        size: output side S.
+
+    Returns:
+        (n * C * S, S) table of rows (sorted sample, channel, x) over y, clipped to [0, 1].
+    """
+    n, channels, height, width = images.shape
+    row_index, row_weight = _cubic_taps(params["top"], params["height"], height, size)
+    col_index, col_weight = _cubic_taps(params["left"], params["width"], width, size)
+    flip = params["flip"][:, None, None]  # a flipped view reads its columns in reverse order
+    col_index = np.where(flip, col_index[:, ::-1], col_index)
+    col_weight = np.where(flip, col_weight[:, ::-1], col_weight)
+    if images.dtype == torch.uint8:
+        row_weight = row_weight / 255.0
+    padded = _padded_width(width)
+    if images.dtype == torch.float32 and padded == width:
+        source = images.reshape(n * channels * height, width)
+    else:
+        source = buffers.get("source", n, channels, height, padded)
+        source[..., :width].copy_(images)
+        source[..., width:].zero_()
+        source = source.view(-1, padded)
+    original_planes = order[:, None] * channels + np.arange(channels)
+    rows = _gather_rows(source, original_planes * height, row_index, row_weight)
+    planes = n * channels
+    columns = buffers.get("columns", planes, width, size)
+    columns.copy_(rows.view(planes, size, padded)[:, :, :width].transpose(1, 2))
+    sorted_planes = np.arange(planes).reshape(n, channels)
+    table = _gather_rows(columns.view(-1, size), sorted_planes * width, col_index, col_weight)
+    return table.clamp_(0.0, 1.0)
+
+
+def _brightness_multiplicative(x: torch.Tensor, factor: torch.Tensor) -> None:
+    # SimCLRv2: x * factor (reference random_brightness impl='simclrv2').
+    x.mul_(factor.view(-1, 1, 1, 1))
+
+
+def _brightness_additive(x: torch.Tensor, delta: torch.Tensor) -> None:
+    # SimCLRv1: tf.image.random_brightness adds one delta to every pixel.
+    x.add_(delta.view(-1, 1, 1, 1))
+
+
+def _contrast(x: torch.Tensor, factor: torch.Tensor) -> None:
+    # tf.image.adjust_contrast: (x - mean) * factor + mean with the mean of EACH channel.
+    factor = factor.view(-1, 1, 1, 1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x.mul_(factor).add_(mean.mul_(1 - factor))
+
+
+def _saturation(x: torch.Tensor, factor: torch.Tensor) -> None:
+    """tf.image.adjust_saturation in closed form: S <- min(1, S * factor), H and V kept.
+
+    In HSV each channel is c = V - V * S * f(H) with V = max and V * S = max - min. Scaling S
+    by k keeps V and f(H), so c' = max + k * (c - max), and S * k <= 1 caps k at
+    max / (max - min). ``lerp`` returns c exactly for k = 1.
+    """
+    high = x.amax(dim=1, keepdim=True)
+    spread = high - x.amin(dim=1, keepdim=True)
+    cap = high / spread.clamp_min_(torch.finfo(x.dtype).tiny)
+    torch.lerp(high, x, torch.minimum(cap, factor.view(-1, 1, 1, 1)), out=x)
+
+
+def _hue(x: torch.Tensor, target: torch.Tensor) -> None:
+    """tf.image.adjust_hue: rotate the HSV hue; S and V (so max and min) are kept.
+
+    The hue is measured in sextants, h6 in [-1, 5] (red 0, green 2, blue 4). In closed form
+    HSV -> RGB is c = min + (max - min) * clamp(2 - d, 0, 1), d the circular distance from the
+    rotated hue to the channel's own hue. Rotating h6 by 6 * shift is the same as rotating each
+    channel's hue back by it; ``target`` holds those per-sample hues, pre-wrapped to [-1, 5) so
+    that |h6 - target| < 6 and d = 3 - ||h6 - target| - 3|, with no per-pixel modulo.
+    Branch-free on purpose: comparisons and ``torch.where`` are many times slower than
+    arithmetic on CPU, so the sextant masks are sign(max - c), which is 0 or 1.
+
+    Args:
+        x: (n, 3, H, W) in [0, 1], changed in place.
+        target: (n, 3) the channels' hues minus 6 * shift, wrapped to [-1, 5).
+    """
+    red, green, blue = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    high = x.amax(dim=1, keepdim=True)
+    low = x.amin(dim=1, keepdim=True)
+    spread = high - low
+    not_red = (high - red).sign_()  # 0 where red is the max: red wins ties, as in TF
+    not_green = (high - green).sign_()
+    # h6 * spread for each possible max channel, then blended by the masks.
+    from_red = green - blue
+    from_green = (blue - red).add_(spread, alpha=2)
+    from_blue = (red - green).add_(spread, alpha=4)
+    h6 = from_blue.sub_(from_green).mul_(not_green).add_(from_green)
+    h6 = h6.sub_(from_red).mul_(not_red).add_(from_red)
+    h6.div_(spread.clamp_min(torch.finfo(x.dtype).tiny))
+    distance = (h6 - target.view(-1, 3, 1, 1)).abs_()  # in [0, 6)
+    # clamp(2 - d, 0, 1) = clamp(||t| - 3| - 1, 0, 1) with t = h6 - target.
+    closeness = distance.sub_(3).abs_().sub_(1).clamp_(0.0, 1.0)
+    torch.addcmul(low, closeness, spread, out=x)
+
+
+def _hue_targets(shift: np.ndarray) -> np.ndarray:
+    """(n,) hue shifts in turns -> (n, 3) channel hues for :func:`_hue`, wrapped to [-1, 5)."""
+    return np.remainder(np.array([0.0, 2.0, 4.0]) - 6 * shift[:, None] + 1, 6.0) - 1
+
+
+def _grayscale(x: torch.Tensor) -> None:
+    # tf.image.rgb_to_grayscale, replicated to 3 channels (reference to_grayscale).
+    gray = x[:, 0:1] * _GRAY_WEIGHTS[0]
+    gray.add_(x[:, 1:2], alpha=_GRAY_WEIGHTS[1]).add_(x[:, 2:3], alpha=_GRAY_WEIGHTS[2])
+    x.copy_(gray.expand_as(x))
+
+
+def _sort_order(params: dict[str, np.ndarray], blur_first: bool) -> np.ndarray:
+    """A stable order grouping samples with the same decisions (see the layout note above):
+    blurred samples first (when the blur is on), then by grayscale, jitter and op order."""
+    op_sequence = params["order"] @ np.array([64, 16, 4, 1])
+    key = params["grayscale"] * 512 + params["jitter"] * (256 + op_sequence)
+    if blur_first:
+        key = key + ~params["blur"] * 1024
+    return np.argsort(key, kind="stable")
+
+
+def _runs(select: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in a bool vector."""
+    padded = np.zeros(select.size + 2, dtype=np.int8)
+    padded[1:-1] = select
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def _prefers_slices(device: torch.device, runs: int) -> bool:
+    # On an accelerator launches cost more than copies: beyond a few runs, gather the selected
+    # samples, work on them and scatter them back once.
+    return device.type == "cpu" or runs <= 4
+
+
+def _on_selected(x: torch.Tensor, select: np.ndarray, op, *args: torch.Tensor) -> None:
+    """Run the in-place ``op`` on the selected samples of the sorted chunk, then clip.
+
+    The selection is a few runs thanks to the sort, each one a slice: no copies. Per-sample
+    arguments are (n, ...) tensors on x's device.
+    """
+    runs = _runs(select)
+    if not _prefers_slices(x.device, len(runs)):
+        index = _to_device(np.flatnonzero(select), x.device, np.int64)
+        part = x.index_select(0, index)
+        op(part, *(a.index_select(0, index) for a in args))
+        x.index_copy_(0, index, part.clamp_(0.0, 1.0))
+        return
+    for start, stop in runs:
+        part = x[start:stop]
+        op(part, *(a[start:stop] for a in args))
+        part.clamp_(0.0, 1.0)
+
+
+def _color_distort(
+    x: torch.Tensor, params: dict[str, np.ndarray], additive_brightness: bool
+) -> None:
+    """Colour jitter in a random order (reference color_jitter_rand) then random grayscale.
+
+    Args:
+        x: (n, C, S, S) sorted chunk, changed in place.
+        params: the chunk's parameters, sorted like x.
+    """
+    colour = x.shape[1] == 3  # saturation, hue and grayscale need RGB
+    jitter, order = params["jitter"], params["order"]
+    if jitter.any():
+        brightness = _brightness_additive if additive_brightness else _brightness_multiplicative
+        ops = (brightness, _contrast, _saturation, _hue)
+        values = [params[name] for name in _OP_NAMES[:3]] + [_hue_targets(params["hue"])]
+        args = [_to_device(v, x.device, np.float32) for v in values]
+        for slot in range(4):
+            for op in range(4 if colour else 2):
+                chosen = jitter & (order[:, slot] == op)
+                if chosen.any():
+                    _on_selected(x, chosen, ops[op], args[op])
+    if colour and params["grayscale"].any():
+        _on_selected(x, params["grayscale"], _grayscale)
+
+
+def _blur_radius(size: int) -> int:
+    # Reference random_blur: kernel_size = height // 10; gaussian_blur: radius = int(k / 2).
+    return (size // 10) // 2
+
+
+def _blur_taps(sigma: np.ndarray, size: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of the reference gaussian_blur: (m, S, 2r + 1) row offsets and weights.
+
+    Zero padding as TF's padding='SAME': a tap outside the image gets weight 0 (its offset is
+    clamped only to stay a valid row).
+    """
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(offsets.astype(np.float64) ** 2) / (2 * sigma[:, None] ** 2))
+    kernel /= kernel.sum(axis=1, keepdims=True)
+    source = np.arange(size)[:, None] + offsets[None, :]
+    inside = (source >= 0) & (source < size)
+    index = np.repeat(np.clip(source, 0, size - 1)[None], sigma.shape[0], axis=0)
+    return index, kernel[:, None, :] * inside
+
+
+def _blur_and_restore(
+    table: torch.Tensor,
+    params: dict[str, np.ndarray],
+    order: np.ndarray,
+    channels: int,
+    size: int,
+    buffers: _Buffers,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Gaussian blur of the blurred samples (reference gaussian_blur, batch_random_blur), then
+    every view back to the [sample, channel, y, x] layout and the original sample order.
+
+    Args:
+        table: (n * C * S, S) sorted rows (sample, channel, x) over y, after colour.
+        params: sorted parameters; the blurred samples come first.
+        order: (n,) the original index of each sorted sample.
+        out: optional contiguous (n, C, S, S) destination.
+
+    Returns:
+        (n, C, S, S) float32.
+    """
+    n = order.shape[0]
+    rows = buffers.get("rows", n * channels, size, size)  # rows (sample, channel, y) over x
+    radius = _blur_radius(size)
+    blurred = int(params["blur"].sum()) if radius > 0 else 0
+    first = blurred * channels  # planes to blur
+    if blurred:
+        index, weight = _blur_taps(params["sigma"][:blurred], size, radius)
+        starts = np.arange(first).reshape(blurred, channels) * size
+        along_x = _gather_rows(table, starts, index, weight)
+        rows[:first].copy_(along_x.view(first, size, size).transpose(1, 2))
+        along_y = _gather_rows(rows.view(-1, size), starts, index, weight)
+        rows[:first].copy_(along_y.view(first, size, size).clamp_(0.0, 1.0))
+    rows[first:].copy_(table[first * size :].view(-1, size, size).transpose(1, 2))
+    restore = _to_device(np.argsort(order), table.device, np.int64)
+    flat_out = None if out is None else out.view(n, -1)
+    result = torch.index_select(rows.view(n, -1), 0, restore, out=flat_out)
+    return result.view(n, channels, size, size)
+
+
+def _render_chunk(
+    images: torch.Tensor,
+    params: dict[str, np.ndarray],
+    output_size: int,
+    additive_brightness: bool,
+    buffers: _Buffers,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """One chunk of views: (n, C, H, W) images -> (n, C, S, S) views (into ``out`` if given)."""
+    channels = images.shape[1]
+    order = _sort_order(params, blur_first=_blur_radius(output_size) > 0)
+    ordered = {k: v[order] for k, v in params.items()}
+    table = _resize(images, ordered, order, output_size, buffers)
+    _color_distort(table.view(-1, channels, output_size, output_size), ordered, additive_brightness)
+    return _blur_and_restore(table, ordered, order, channels, output_size, buffers, out)
+
+
+@torch.no_grad()
+def _apply(
+    images: torch.Tensor,
+    params: Params,
+    *,
+    output_size: int,
+    additive_brightness: bool,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Shared body of SimCLRAugment.apply and EvalAugment.apply."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError("images must be a (B, C, H, W) tensor")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+    batch, channels, height, width = images.shape
+    if channels not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {channels}")
+    missing = set(_PARAM_NAMES) - set(params)
+    if missing:
+        raise ValueError(f"params lack {sorted(missing)}")
+    host = {k: torch.as_tensor(params[k]).cpu().numpy() for k in _PARAM_NAMES}
+    if any(v.shape[0] != batch for v in host.values()):
+        raise ValueError(f"params must all have batch size {batch}")
+    top, left, crop_h, crop_w = (host[k] for k in ("top", "left", "height", "width"))
+    if ((top < 0) | (left < 0) | (crop_h < 1) | (crop_w < 1)).any() or (
+        (top + crop_h > height) | (left + crop_w > width)
+    ).any():
+        raise ValueError(f"crop boxes must lie inside the {height}x{width} images")
+    if normalize is not None and len(normalize[0]) not in (1, channels):
+        raise ValueError(f"normalize has {len(normalize[0])} values for {channels}-channel images")
+    shape = (batch, channels, output_size, output_size)
+    if out is not None and (
+        out.shape != shape or out.dtype != torch.float32 or out.device != images.device
+        or not out.is_contiguous()
+    ):  # fmt: skip
+        raise ValueError(f"out must be a contiguous float32 {shape} tensor on {images.device}")
+    if batch == 0:
+        return out if out is not None else torch.empty(shape, device=images.device)
+    if images.device.type == "cpu":
+        # Chunks of a few MB: the working set stays in cache and the buffers are reused.
+        chunk = max(1, _CPU_CHUNK_BYTES // (4 * channels * output_size * output_size))
+    else:
+        chunk = batch
+    buffers = _Buffers(images.device)
+    if out is None and chunk < batch:
+        out = torch.empty(shape, device=images.device)
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        rendered = _render_chunk(
+            images[start:stop],
+            {k: v[start:stop] for k, v in host.items()},
+            output_size,
+            additive_brightness,
+            buffers,
+            None if out is None else out[start:stop],
+        )
+    if out is None:
+        out = rendered
+    if normalize is not None:
+        mean, std = (_to_device(np.array(v), out.device, np.float32) for v in normalize)
+        out.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> None:
+    if len(value) != 2 or not (low <= value[0] <= value[1] <= high):
+        raise ValueError(
+            f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {value}"
+        )
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def _check_output_size(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"output_size must be an int >= 1, got {value!r}")
+
+
+def _check_normalize(value) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if value is None:
+        return None
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize must be None or (mean, std), got {value!r}") from None
+    if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
+        raise ValueError(f"normalize must be (mean, std) of 1 or 3 values, std > 0: {value!r}")
+    return mean, std
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimCLRAugment:
+    """The SimCLR view transform (paper §3 and App. A; reference ``data_util.py``).
+
+    Attributes:
+        output_size: side S of the square views.
+        crop_scale: (min, max) area fraction of the crop, within (0, 1].
+        crop_ratio: (min, max) aspect ratio width / height of the crop.
+        flip_prob: probability of a horizontal flip.
+        color_jitter_strength: s; brightness, contrast and saturation factors are drawn from
+            U[max(0, 1 - 0.8 s), 1 + 0.8 s] and the hue shift from U[-0.2 s, 0.2 s] turns.
+            1.0 for ImageNet, 0.5 for CIFAR-10 (paper App. B.9).
+        color_jitter_prob: probability of the colour jitter (0.8).
+        grayscale_prob: probability of grayscale (0.2), drawn whether or not jitter applied.
+        blur_prob: probability of the Gaussian blur (0.5 on ImageNet, 0 for <= 32 px).
+        blur_sigma: (min, max) of the blur's sigma in output pixels.
+        brightness: "multiplicative" (SimCLRv2: x * factor) or "additive" (SimCLRv1:
+            x + delta, delta ~ U[-0.8 s, 0.8 s]).
+        normalize: optional (mean, std) per channel applied last; the reference feeds [0, 1].
+    """
+
+    output_size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    color_jitter_strength: float = 1.0
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    brightness: str = "multiplicative"
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        _check_output_size(self.output_size)
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            try:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+            except (TypeError, ValueError):
+                value = getattr(self, name)
+                raise ValueError(f"{name} must be a (min, max) pair, got {value!r}") from None
+        _check_range("crop_scale", self.crop_scale, 0.0, 1.0)
+        if self.crop_scale[0] <= 0:
+            raise ValueError(f"crop_scale min must be > 0, got {self.crop_scale}")
+        _check_range("crop_ratio", self.crop_ratio, 0.0, math.inf)
+        if self.crop_ratio[0] <= 0:
+            raise ValueError(f"crop_ratio min must be > 0, got {self.crop_ratio}")
+        _check_range("blur_sigma", self.blur_sigma, 0.0, math.inf)
+        if self.blur_sigma[0] <= 0:
+            raise ValueError(f"blur_sigma min must be > 0, got {self.blur_sigma}")
+        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob"):
+            _check_probability(name, getattr(self, name))
+        if not (math.isfinite(self.color_jitter_strength) and self.color_jitter_strength >= 0):
+            raise ValueError(
+                f"color_jitter_strength must be finite and >= 0, got {self.color_jitter_strength}"
+            )
+        if self.brightness not in ("multiplicative", "additive"):
+            raise ValueError(
+                f"brightness must be 'multiplicative' or 'additive', got {self.brightness!r}"
+            )
+        object.__setattr__(self, "normalize", _check_normalize(self.normalize))
+
+    def sample_params(
+        self,
+        seed: int,
+        epoch: int,
+        indices: Indices,
+        view: int | Indices,
+        image_height: int,
+        image_width: int,
+    ) -> Params:
+        """Draw the random parameters of one view of each sample.
+
+        Args:
+            seed, epoch, indices (B,): the key of the counter-based RNG (:func:`uniforms`).
+            view: which view, one for all samples or (B,) one per sample.
+            image_height, image_width: source image size in pixels.
+
+        Returns:
+            Dict of CPU tensors, all with leading dimension B: ``top``, ``left``, ``height``,
+            ``width`` (int64 crop box in source pixels), ``flip``, ``jitter``, ``grayscale``,
+            ``blur`` (bool), ``brightness`` (factor, or delta if additive), ``contrast``,
+            ``saturation`` (factors), ``hue`` (shift in turns), ``sigma`` (float64) and
+            ``order`` (B, 4) int64: the colour op applied in each of the four positions
+            (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        """
+        if image_height < 1 or image_width < 1:
+            raise ValueError(f"image size must be positive, got {image_height}x{image_width}")
+        u = _uniforms(seed, epoch, indices, view, NUM_SLOTS)
+        box = _sample_crop_boxes(
+            u[:, _SLOT_CROP:_SLOT_FLIP], image_height, image_width, self.crop_scale, self.crop_ratio
+        )
+        s = self.color_jitter_strength
+        factor_range = (max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)
+        if self.brightness == "multiplicative":
+            brightness = _uniform(u[:, _SLOT_BRIGHTNESS], *factor_range)
+        else:
+            brightness = _uniform(u[:, _SLOT_BRIGHTNESS], -0.8 * s, 0.8 * s)
+        params = {
+            "top": box[:, 0],
+            "left": box[:, 1],
+            "height": box[:, 2],
+            "width": box[:, 3],
+            "flip": u[:, _SLOT_FLIP] < self.flip_prob,
+            "jitter": u[:, _SLOT_JITTER] < self.color_jitter_prob,
+            "brightness": brightness,
+            "contrast": _uniform(u[:, _SLOT_CONTRAST], *factor_range),
+            "saturation": _uniform(u[:, _SLOT_SATURATION], *factor_range),
+            "hue": _uniform(u[:, _SLOT_HUE], -0.2 * s, 0.2 * s),
+            # argsort of i.i.d. uniforms is a uniformly random permutation (tf.random_shuffle).
+            "order": np.argsort(u[:, _SLOT_ORDER : _SLOT_ORDER + 4], axis=1),
+            "grayscale": u[:, _SLOT_GRAYSCALE] < self.grayscale_prob,
+            "blur": u[:, _SLOT_BLUR] < self.blur_prob,
+            "sigma": _uniform(u[:, _SLOT_SIGMA], *self.blur_sigma),
+        }
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+
+    def apply(
+        self, images: torch.Tensor, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Render one view per sample from its parameters; batched, on the images' device.
+
+        Args:
+            images: (B, C, H, W) uint8, or float in [0, 1]; C is 1 or 3; CPU or CUDA.
+            params: from :meth:`sample_params` (small CPU tensors: only per-sample vectors go
+                to the device, and nothing waits on it).
+            out: optional contiguous float32 (B, C, S, S) tensor on the images' device to write
+                into (a reused buffer saves the page faults of fresh memory).
+
+        Returns:
+            (B, C, S, S) float32 in [0, 1] (normalised if ``normalize`` is set).
+        """
+        return _apply(
+            images,
+            params,
+            output_size=self.output_size,
+            additive_brightness=self.brightness == "additive",
+            normalize=self.normalize,
+            out=out,
+        )
+
+    def views(
+        self, images: torch.Tensor, seed: int, epoch: int, indices: Indices, num_views: int = 2
+    ) -> list[torch.Tensor]:
+        """Batched views (paper Alg. 1: t ~ T and t' ~ T for every image).
+
+        Args:
+            images: (B, C, H, W) uint8 or float in [0, 1], CPU or CUDA.
+            seed, epoch: RNG key; indices: (B,) dataset indices of the images.
+            num_views: views per image.
+
+        Returns:
+            ``num_views`` tensors of shape (B, C, S, S), view v of image b being a pure function
+            of (seed, epoch, indices[b], v).
+        """
+        height, width = images.shape[-2:]
+        return [
+            self.apply(images, self.sample_params(seed, epoch, indices, view, height, width))
+            for view in range(num_views)
+        ]
+
+    def __call__(
+        self, image: torch.Tensor, seed: int, epoch: int, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample path for DataLoader workers: the batched path run on one image.
+
+        Args:
+            image: (C, H, W) uint8 or float in [0, 1], any size.
+            seed, epoch, index: RNG key of this sample.
+
+        Returns:
+            (view1, view2), each (C, S, S) float32; equal to row ``b`` of :meth:`views` for the
+            same key up to float rounding.
+        """
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            raise ValueError("image must be a (C, H, W) tensor")
+        height, width = image.shape[-2:]
+        # Both views in one batch of two: half the per-call overhead.
+        params = self.sample_params(seed, epoch, [index, index], [0, 1], height, width)
+        out = self.apply(image.unsqueeze(0).expand(2, -1, -1, -1), params)
+        return out[0], out[1]
+
+
+def default_blur(image_size: int) -> bool:
+    """Whether the blur is on by default: yes above 32 px, off for CIFAR-size images (SPEC §2)."""
+    return image_size > 32
+
+
+def imagenet_augment(output_size: int = 224, **overrides) -> SimCLRAugment:
+    """ImageNet recipe: colour strength 1.0, blur p = 0.5 (paper App. A; Table 1 "1 + blur")."""
+    blur_prob = 0.5 if default_blur(output_size) else 0.0
+    settings = {"color_jitter_strength": 1.0, "blur_prob": blur_prob}
+    return SimCLRAugment(output_size=output_size, **{**settings, **overrides})
+
+
+def cifar_augment(output_size: int = 32, **overrides) -> SimCLRAugment:
+    """CIFAR-10 recipe: colour strength 0.5, no blur (paper App. B.9)."""
+    blur_prob = 0.5 if default_blur(output_size) else 0.0
+    settings = {"color_jitter_strength": 0.5, "blur_prob": blur_prob}
+    return SimCLRAugment(output_size=output_size, **{**settings, **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalAugment:
+    """Linear-evaluation and test transforms (SPEC §2; reference ``preprocess_for_train`` with
+    ``color_distort=False`` and ``preprocess_for_eval``).
+
+    Train: the same random resized crop and flip as pretraining, nothing else. Test: a centre
+    crop of ``crop_proportion`` of the shorter side, resized to the output size, or, with
+    ``test_crop`` off, the whole image resized.
+
+    Attributes:
+        output_size: side S of the output.
+        crop_scale, crop_ratio, flip_prob: as :class:`SimCLRAugment` (train only).
+        crop_proportion: test-time centre crop fraction (reference CROP_PROPORTION = 0.875).
+        test_crop: whether to centre-crop at test time; None: only above 32 px (the reference
+            does not crop CIFAR).
+        normalize: optional (mean, std); must match the pretraining transform.
+    """
+
+    output_size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    crop_proportion: float = 0.875
+    test_crop: bool | None = None
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_proportion <= 1.0:
+            raise ValueError(f"crop_proportion must be in (0, 1], got {self.crop_proportion}")
+        # Validates the shared fields and keeps the crop/flip sampler of pretraining.
+        train = SimCLRAugment(
+            output_size=self.output_size,
+            crop_scale=self.crop_scale,
+            crop_ratio=self.crop_ratio,
+            flip_prob=self.flip_prob,
+            color_jitter_prob=0.0,
+            grayscale_prob=0.0,
+            blur_prob=0.0,
+            normalize=self.normalize,
+        )
+        object.__setattr__(self, "crop_scale", train.crop_scale)
+        object.__setattr__(self, "crop_ratio", train.crop_ratio)
+        object.__setattr__(self, "normalize", train.normalize)
+        object.__setattr__(self, "_train", train)
+        if self.test_crop is None:
+            object.__setattr__(self, "test_crop", self.output_size > 32)
+
+    def sample_params(
+        self,
+        train: bool,
+        image_height: int,
+        image_width: int,
+        seed: int = 0,
+        epoch: int = 0,
+        indices: torch.Tensor | Sequence[int] | None = None,
+    ) -> Params:
+        """Parameters for a batch: random crop and flip (train) or the fixed test crop.
+
+        ``indices`` (B,) is required for train; for test it only sets the batch size.
+        """
+        if indices is None:
+            raise ValueError("indices are required (they set the batch size and the RNG key)")
+        if train:
+            return self._train.sample_params(seed, epoch, indices, 0, image_height, image_width)
+        batch = _as_int64(indices, "indices").shape[0]
+        if self.test_crop:
+            box = _center_crop_box(image_height, image_width, self.crop_proportion)
+        else:
+            box = (0, 0, image_height, image_width)
+        return _fixed_params(batch, box)
+
+    def apply(
+        self, images: torch.Tensor, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) uint8 or float images -> (B, C, S, S) float32, batched on their device."""
+        return _apply(
+            images,
+            params,
+            output_size=self.output_size,
+            additive_brightness=False,
+            normalize=self.normalize,
+            out=out,
+        )
+
+    def __call__(
+        self, image: torch.Tensor, train: bool, seed: int = 0, epoch: int = 0, index: int = 0
+    ) -> torch.Tensor:
+        """Per-sample path: (C, H, W) -> (C, S, S), the batched path run on one image."""
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            raise ValueError("image must be a (C, H, W) tensor")
+        params = self.sample_params(train, *image.shape[-2:], seed, epoch, [index])
+        return self.apply(image.unsqueeze(0), params)[0]
+
+
+def apply_eval(
+    images: torch.Tensor,
+    output_size: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    indices: torch.Tensor | Sequence[int] | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> torch.Tensor:
+    """Evaluation transform of a batch with the default :class:`EvalAugment` settings.
+
+    Args:
+        images: (B, C, H, W) uint8 or float in [0, 1].
+        output_size: side S of the output.
+        train: random crop + flip (linear-eval training) or centre crop (test).
+        seed, epoch, indices: RNG key for train; indices default to 0..B-1.
+        normalize: optional (mean, std).
+
+    Returns:
+        (B, C, S, S) float32.
+    """
+    if indices is None:
+        indices = torch.arange(images.shape[0])
+    transform = EvalAugment(output_size=output_size, normalize=normalize)
+    params = transform.sample_params(train, *images.shape[-2:], seed, epoch, indices)
+    return transform.apply(images, params)
