@@ -1,0 +1,126 @@
+"""The run report: plots of the training curves and a markdown page a person can read.
+
+``report.md`` in the run folder links PNG plots (loss, learning rate, contrastive accuracy,
+throughput) and tabulates the summary and evaluation, so a run can be judged without
+TensorBoard. Inputs are the append-only ``metrics.jsonl`` and ``summary.json``; when a run was
+resumed, the records a killed run wrote after its last checkpoint are superseded by the
+resumed run's records for the same steps (the last record of a step wins).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Step records of ``metrics.jsonl``, one per step (the latest wins), sorted by step.
+
+    A truncated last line (a crash mid-write) is ignored.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    path = Path(path)
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "event" in record or "step" not in record:
+            continue
+        by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _plot(records: list[dict[str, Any]], key: str, title: str, out: Path, log: bool = False) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if not points:
+        return False
+    steps, values = zip(*points)
+    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
+    axes.plot(steps, values, linewidth=1.5)
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if log and min(values) > 0:
+        axes.set_yscale("log")
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+    return True
+
+
+def _resumes(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "resume":
+            steps.append(record["step"])
+    return steps
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Writes ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the report's path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    figures = [
+        ("loss", "NT-Xent loss", "loss.png"),
+        ("lr", "learning rate", "lr.png"),
+        ("contrastive_acc", "contrastive accuracy (positive ranked first)", "contrastive_acc.png"),
+        ("images_per_second", "throughput (images/s)", "throughput.png"),
+    ]
+    made = [(title, name) for key, title, name in figures if _plot(records, key, title, plots / name)]
+
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    lines = [f"# simclrkit run: {run_dir.name}", ""]
+    if summary:
+        lines += [
+            f"- steps: {summary.get('steps')} ({summary.get('epochs', 0):.2f} epochs), "
+            f"final loss {summary.get('final_loss', float('nan')):.4f}",
+            f"- training time: {summary.get('train_seconds', 0):.0f} s at "
+            f"{summary.get('images_per_second', 0):.0f} images/s; "
+            f"skipped (non-finite) steps: {summary.get('skipped_steps', 0)}",
+        ]
+        data = summary.get("data", {})
+        if data:
+            lines.append(
+                f"- data: {data.get('name')} ({data.get('split')}), {data.get('size')} images, "
+                f"{data.get('skipped', 0)} unreadable files skipped"
+            )
+    resumes = _resumes(run_dir / "metrics.jsonl")
+    if resumes:
+        lines.append(f"- resumed at step(s): {', '.join(map(str, resumes))}")
+    evaluation = summary.get("eval", {})
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| protocol | top-1 | top-5 |", "| --- | --- | --- |"]
+        if "linear_top1" in evaluation:
+            lines.append(
+                f"| linear (logistic regression on frozen h) | {evaluation['linear_top1']:.4f} "
+                f"| {evaluation.get('linear_top5', float('nan')):.4f} |"
+            )
+        if "random_init_linear_top1" in evaluation:
+            lines.append(
+                f"| same encoder, random initialisation | {evaluation['random_init_linear_top1']:.4f}"
+                f" | {evaluation.get('random_init_linear_top5', float('nan')):.4f} |"
+            )
+    if made:
+        lines += ["", "## Training curves", ""]
+        lines += [f"![{title}](plots/{name})" for title, name in made]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,79 @@
+"""Shared test helpers: a tiny, fast run configuration and checkpoint comparison."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# A run that takes seconds on a 2-core CPU: MNIST-5k at 16 px, an eighth-width ResNet-18.
+TINY = [
+    "model.width=0.125",
+    "data.image_size=16",
+    "train.batch_size=32",
+    "train.max_steps=8",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "optim.warmup_epochs=0.02",
+    "eval.linear=false",
+]
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    """Starts ``python -m simclrkit ARGS`` as a real process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "simclrkit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Blocks until metrics.jsonl records ``step`` (or the process ends)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"process ended early: {process.communicate()}")
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", -1) >= step and "loss" in record:
+                    return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def assert_states_equal(a: dict, b: dict, path: str = "") -> None:
+    """Recursively torch.equal on tensors, == on everything else."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys differ"
+        for key in a:
+            assert_states_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path}: tensors differ"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
