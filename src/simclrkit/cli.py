@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("recipes", help="list the bundled recipes")
+
+    show = sub.add_parser(
+        "show-augmentations", help="save a grid of source images and their augmented views"
+    )
+    _add_config_arguments(show, "mnist5k")
+    show.add_argument("--out", required=True, help="the PNG file to write")
+    show.add_argument("--images", type=int, default=8, help="source images (rows)")
+    show.add_argument("--views", type=int, default=6, help="views per image (columns)")
     return parser
 
 
@@ -74,6 +82,37 @@ def _print_results(summary: dict) -> None:
         print(line)
 
 
+def _show_augmentations(config, args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from simclrkit.config import ConfigError, resolve
+    from simclrkit.data import load_dataset
+    from simclrkit.pipeline import epoch_order
+    from simclrkit.report import augmentation_grid
+    from simclrkit.train import build_augment
+
+    if args.images < 1 or args.views < 1:
+        raise ConfigError("--images and --views: allowed: integers >= 1")
+    source = load_dataset(config.data.dataset, config.data.root, "pretrain", quiet=True)
+    # Only the view transform is needed: resolve with a batch of 2 so that a recipe's large
+    # batch does not matter for a preview.
+    preview = replace(config, train=replace(config.train, batch_size=2, max_steps=None))
+    plan = resolve(
+        preview,
+        num_examples=len(source),
+        native_image_size=source.native_size or config.data.image_size or 224,
+        in_channels=source.num_channels,
+    )
+    indices = epoch_order(config.seed, 0, len(source))[: args.images].tolist()
+    images = [source.read(i) for i in indices]
+    out = augmentation_grid(
+        images, indices, build_augment(config, plan), args.out, seed=config.seed,
+        num_views=args.views,
+    )
+    print(f"wrote {out}: {len(images)} images x {args.views} views as pretraining draws them")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imports stay inside main so `simclrkit --help` is instant.
@@ -85,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, source in list_recipes().items():
                 print(f"{name:24s} {source}")
             return 0
+        if args.command == "show-augmentations":
+            return _show_augmentations(load_config(args.config, args.overrides), args)
         if args.command == "pretrain":
             from simclrkit.train import (
                 EXIT_PREEMPTED,

@@ -124,3 +124,53 @@ def write_report(run_dir: str | Path) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def augmentation_grid(
+    images: list,
+    indices: list[int],
+    augment: Any,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    num_views: int = 6,
+) -> Path:
+    """Saves a PNG grid: one row per source image, its original then ``num_views`` views.
+
+    Args:
+        images: uint8 (C, H, W) tensors (any sizes).
+        indices: their dataset indices (the views are those of epoch 0 of a run with ``seed``).
+        augment: a ``SimCLRAugment``.
+        out: the PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, columns = len(images), num_views + 1
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(1.6 * columns, 1.6 * rows), dpi=100, squeeze=False
+    )
+    for row, (image, index) in enumerate(zip(images, indices)):
+        height, width = image.shape[-2:]
+        panels = [image.float() / 255]
+        for view in range(num_views):
+            params = augment.sample_params(seed, 0, [index], view, height, width)
+            panels.append(augment.apply(image[None], params)[0])
+        for column, panel in enumerate(panels):
+            axis = axes[row][column]
+            picture = panel.clamp(0, 1).permute(1, 2, 0).numpy()
+            if picture.shape[-1] == 1:
+                axis.imshow(picture[..., 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                axis.imshow(picture)
+            axis.set_axis_off()
+            if row == 0:
+                axis.set_title("original" if column == 0 else f"view {column}", fontsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
+    return out
