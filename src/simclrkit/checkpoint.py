@@ -49,6 +49,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
     try:
+        # mkstemp creates the file for its owner only; give it the usual umask permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()

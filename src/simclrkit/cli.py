@@ -54,6 +54,24 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the bundled recipes")
 
+    export = sub.add_parser("export", help="export the trained encoder for use elsewhere")
+    export.add_argument("checkpoint", help="a training checkpoint, run folder or safetensors export")
+    export.add_argument(
+        "--format", required=True, choices=("torchvision", "safetensors", "torchscript", "onnx")
+    )
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument(
+        "--include-head", action="store_true", help="safetensors: keep the projection head too"
+    )
+
+    embed = sub.add_parser("embed", help="compute h for image files and folders")
+    embed.add_argument("checkpoint", help="a training checkpoint, run folder or safetensors export")
+    embed.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    embed.add_argument("--out", required=True, help=".npy (with a .files.txt list) or .parquet")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--device", default="auto")
+    embed.add_argument("--quiet", action="store_true")
+
     show = sub.add_parser(
         "show-augmentations", help="save a grid of source images and their augmented views"
     )
@@ -123,6 +141,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "recipes":
             for name, source in list_recipes().items():
                 print(f"{name:24s} {source}")
+            return 0
+        if args.command == "export":
+            from simclrkit.export import export_checkpoint, model_card_path
+
+            out = export_checkpoint(
+                args.checkpoint, args.format, args.out, include_head=args.include_head
+            )
+            print(f"wrote {out} and its model card {model_card_path(out)}")
+            return 0
+        if args.command == "embed":
+            from simclrkit.export import embed_images
+
+            result = embed_images(
+                args.checkpoint, args.images, args.out, batch_size=args.batch_size,
+                device=args.device, quiet=args.quiet,
+            )
+            print(
+                f"embedded {result['count']} images ({result['dim']}-d) into {result['out']}; "
+                f"skipped {len(result['skipped'])} unreadable files"
+            )
             return 0
         if args.command == "show-augmentations":
             return _show_augmentations(load_config(args.config, args.overrides), args)

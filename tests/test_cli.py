@@ -1,0 +1,61 @@
+"""The command line: subcommands reach the library and user errors exit 2 without a traceback."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+from simclrkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    assert main(["pretrain", "--run-dir", str(run_dir), "--quiet", *TINY]) == 0
+    return run_dir
+
+
+def test_recipes_lists_every_bundled_recipe(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist5k", "cifar10_r18", "imagenet_r50_linear", "fashion_mnist_cpu"):
+        assert name in out
+
+
+def test_export_and_embed_commands(run_dir, tmp_path, capsys):
+    out = tmp_path / "encoder.safetensors"
+    assert main(["export", str(run_dir / "checkpoints" / "last.pt"), "--format", "safetensors",
+                 "--out", str(out)]) == 0
+    assert out.exists() and "model card" in capsys.readouterr().out
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 24), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    embeddings = tmp_path / "h.npy"
+    code = main(["embed", str(out), str(folder), "--out", str(embeddings), "--quiet"])
+    assert code == 0
+    h = np.load(embeddings)
+    captured = capsys.readouterr()
+    assert h.shape[0] == 3 and "skipped 1" in captured.out and "broken.png" in captured.err
+    # the exported encoder's h equals the checkpoint's encoder on the same image
+    from simclrkit import load_encoder
+
+    encoder = load_encoder(run_dir / "checkpoints" / "last.pt")
+    image = torch.from_numpy(np.array(Image.open(folder / "1.png")))[None]
+    with torch.no_grad():
+        expected = encoder(encoder.preprocess(image))[0].numpy()
+    np.testing.assert_allclose(h[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_an_impossible_torchvision_export(run_dir, tmp_path, capsys):
+    code = main(["export", str(run_dir), "--format", "torchvision", "--out", str(tmp_path / "x.pt")])
+    assert code == 2 and "safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
+    code = main(["export", str(tmp_path / "nope.pt"), "--format", "onnx", "--out", str(tmp_path / "a")])
+    assert code == 2 and "not found" in capsys.readouterr().err
