@@ -188,8 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except NonFiniteLossError as error:
                 print(f"simclrkit: error: {error}", file=sys.stderr)
                 return EXIT_NONFINITE
-            _print_results(summary)
-            print(f"run folder: {args.run_dir} (report.md, summary.json, checkpoints/last.pt)")
+            if summary.get("rank", 0) == 0:  # under torchrun, one report, not one per process
+                _print_results(summary)
+                print(f"run folder: {args.run_dir} (report.md, summary.json, checkpoints/last.pt)")
             return 0
     except (ConfigError, CheckpointError) as error:
         print(f"simclrkit: error: {error}", file=sys.stderr)

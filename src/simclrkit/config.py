@@ -166,6 +166,16 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10  # steps between metric lines
     nonfinite: Literal["stop", "skip"] = "stop"
+    # Scaling out and up (README "Several GPUs and large batches"):
+    sync_bn: bool = True  # several processes: BN statistics over the global batch (paper §2.2)
+    # Gradient caching: images per forward pass (both views of each), None = the whole
+    # per-device batch at once. The loss still sees the whole global batch, but BatchNorm
+    # normalises each micro-batch with its own statistics (2 * micro_batch_size views, synced
+    # across processes with sync_bn) and updates its running statistics once per micro-batch.
+    micro_batch_size: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a GradScaler
+    compile: bool = False  # torch.compile the model
+    collective_timeout: float = 300.0  # seconds any process waits for the others at most
 
     def __post_init__(self) -> None:
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -184,6 +194,12 @@ class TrainConfig:
         _positive("train.checkpoint_every", self.checkpoint_every)
         _positive("train.keep_last", self.keep_last)
         _positive("train.log_every", self.log_every)
+        if self.micro_batch_size is not None:
+            _positive("train.micro_batch_size", self.micro_batch_size)
+        if not (self.collective_timeout > 0 and math.isfinite(self.collective_timeout)):
+            raise ConfigError(
+                f"train.collective_timeout: got {self.collective_timeout}; allowed: seconds > 0"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -465,7 +481,8 @@ def resolve(
     full global batch and the loss's negatives are constant in number.
 
     Raises:
-        ConfigError: when the batch does not divide over the devices or exceeds the data.
+        ConfigError: when the batch does not divide over the devices or exceeds the data, or
+            the micro-batch does not divide the per-device batch.
     """
     from simclrkit.optim import scale_learning_rate
 
@@ -479,6 +496,14 @@ def resolve(
         raise ConfigError(
             f"train.batch_size: {train.batch_size} is larger than the {num_examples} training "
             f"images; use at most {num_examples}"
+        )
+    per_device = train.batch_size // world_size
+    if train.micro_batch_size is not None and per_device % train.micro_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size: {train.micro_batch_size} does not divide the "
+            f"{per_device} images per process (train.batch_size {train.batch_size} over "
+            f"{world_size} processes); use a divisor of {per_device}, or null to turn "
+            "gradient caching off"
         )
     steps_per_epoch = num_examples // train.batch_size
     total_steps = max(1, round(train.epochs * steps_per_epoch))

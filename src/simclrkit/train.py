@@ -15,23 +15,40 @@ Stopping: SIGTERM or SIGINT finish the current step, write a checkpoint and rais
 :class:`Preempted` (the command exits with :data:`EXIT_PREEMPTED`, 143); a second SIGINT aborts
 at once. A non-finite loss or gradient is caught before the optimiser step: the run stops
 (policy ``stop``) without checkpointing the poisoned state, or skips the step (``skip``).
+
+Several processes (``torchrun --nproc_per_node=K -m simclrkit pretrain ...``; the helpers live in
+``distributed.py``): ``train.batch_size`` is the GLOBAL batch and process r takes rows
+``[r n, (r + 1) n)`` of it, so K processes compute what one process computes on the whole
+batch (paper §2.2: negatives from all processes, BatchNorm over the global batch), up to float
+rounding. Only rank 0 writes files or prints; every process loads the checkpoint on resume.
+Every branch that must be taken by all processes together (a non-finite step, a stop signal
+that reached only one of them) is agreed on with one all-reduce first. When torchrun restarts
+the workers after a failure (``--max-restarts``), they resume from the job's last checkpoint.
+
+Memory and speed: ``train.micro_batch_size`` turns on gradient caching
+(:func:`contrastive_backward`), ``train.precision`` autocast (bf16, or fp16 with a gradient
+scaler whose state is checkpointed) and ``train.compile`` ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from simclrkit import config as config_lib
+from simclrkit import distributed
 from simclrkit.augment import SimCLRAugment
 from simclrkit.checkpoint import CheckpointManager, load_checkpoint
 from simclrkit.config import Config, ConfigError, Plan
@@ -52,6 +69,8 @@ _RESUME_MAY_CHANGE = {
     "train.keep_last",
     "train.log_every",
     "train.nonfinite",
+    "train.compile",
+    "train.collective_timeout",
     "recipe",
 }
 
@@ -159,8 +178,13 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
-    """Keys whose change would make a resumed run compute something else."""
-    old, new = _flatten(saved), _flatten(config_lib.to_dict(current))
+    """Keys whose change would make a resumed run compute something else.
+
+    A key missing from the saved config (a checkpoint from before the key existed) counts as
+    its default, which is what that run computed with.
+    """
+    old = {**_flatten(config_lib.to_dict(Config())), **_flatten(saved)}
+    new = _flatten(config_lib.to_dict(current))
     return sorted(
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in set(old) | set(new)
@@ -205,14 +229,38 @@ class _Progress:
             self.bar.close()
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    # Append-only, one flushed line per record: a crash loses at most the line being written.
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
+class _RunLog:
+    """``metrics.jsonl`` (append-only) and TensorBoard, written by the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resumed_at: int | None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run logged after its last checkpoint.
+            self.tensorboard = SummaryWriter(run_dir / "tb", purge_step=resumed_at)
+
+    def write(
+        self, record: dict[str, Any], scalars: tuple[str, ...] = (), prefix: str = ""
+    ) -> None:
+        """Appends ``record`` as one line; logs its ``scalars`` to TensorBoard at its step."""
+        if not self.enabled:
+            return
+        # Append-only, one flushed line per record: a crash loses at most the line being written.
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+        for key in scalars:
+            self.tensorboard.add_scalar(f"{prefix}{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
-def _all_finite(loss: torch.Tensor, model: torch.nn.Module) -> bool:
+def _all_finite(loss: Tensor, model: nn.Module) -> bool:
     """One host sync: the loss plus the global gradient norm, reduced on the device.
 
     ``clip_grad_norm_`` with an infinite bound is the public way to get the total norm in one
@@ -223,6 +271,143 @@ def _all_finite(loss: torch.Tensor, model: torch.nn.Module) -> bool:
     if params:
         total = total + torch.nn.utils.clip_grad_norm_(params, float("inf"))
     return bool(math.isfinite(total.item()))
+
+
+# --------------------------------------------------------------------------------------
+# Forward and backward of one step, whole or in micro-batches (gradient caching)
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Puts every BatchNorm running statistic back as it was when the block ends."""
+    buffers = [
+        buffer
+        for module in model.modules()
+        # _NormBase: every BatchNorm (plain, Sync, CPU sync) and InstanceNorm, as in optim.py.
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if buffer is not None
+    ]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def contrastive_backward(
+    model: nn.Module,
+    views: Tensor,
+    loss_fn: nn.Module,
+    *,
+    micro_batch_size: int | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward pass of both views, NT-Xent (paper Eq. 1) and backward; gradients accumulate.
+
+    Without micro-batches: one forward pass of all 2n views (BatchNorm over both views).
+
+    With ``micro_batch_size`` m < n, gradient caching (Gao et al. 2021, "Scaling Deep
+    Contrastive Learning Batch Size under Memory Limited Setup"): the loss couples every
+    embedding with every other one, so it cannot be split, but the network can.
+
+    1. z of all views, m images (2m views: both views of each) per forward pass, WITHOUT a
+       graph: activation memory of one micro-batch.
+    2. The loss on the whole batch with z as a leaf, and its gradient d loss / d z (2n x D
+       numbers); through the loss's gather this includes the other processes' losses.
+    3. Each micro-batch again WITH a graph, backpropagating its slice of d loss / d z; the
+       parameter gradients add up to those of the whole batch. Under DDP only the last
+       micro-batch's backward all-reduces (``no_sync`` for the others).
+
+    The model has no dropout, so pass 3 recomputes exactly the z of pass 1. BatchNorm: each
+    micro-batch is normalised with its own statistics in both passes (consistent, but unlike
+    the full batch, where all 2n views share them); the running statistics are restored after
+    pass 1, so they are updated once per micro-batch, by pass 3.
+
+    Args:
+        model: maps images (B, C, H, W) to (h, z) (a :class:`SimCLR`, possibly wrapped in DDP
+            or compiled).
+        views: (2n, C, H, W): this process's n first views, then the n second views.
+        loss_fn: maps (z1, z2) to the scalar loss (:class:`NTXentLoss`).
+        micro_batch_size: images per forward pass; None (or >= n) for one pass.
+        autocast: makes the autocast context of the forward passes.
+        scaler: fp16 gradient scaler; the backward then starts from the scaled loss.
+
+    Returns:
+        (loss, z1, z2), detached: the 0-dim loss of this process's anchors and the (n, D)
+        embeddings.
+    """
+    num_images = views.shape[0] // 2
+
+    def backward(loss: Tensor) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    if micro_batch_size is None or micro_batch_size >= num_images:
+        with autocast():
+            _, z = model(views)
+        z1, z2 = z[:num_images], z[num_images:]
+        loss = loss_fn(z1, z2)
+        backward(loss)
+        return loss.detach(), z1.detach(), z2.detach()
+
+    starts = range(0, num_images, micro_batch_size)
+
+    def micro_views(start: int) -> Tensor:
+        stop = start + micro_batch_size
+        return torch.cat([views[start:stop], views[num_images + start : num_images + stop]])
+
+    # 1. Embeddings without a graph; BN statistics untouched (pass 3 updates them).
+    with torch.no_grad(), _batchnorm_statistics_kept(model), autocast():
+        micro_z = [model(micro_views(start))[1] for start in starts]
+    z1 = torch.cat([z[: len(z) // 2] for z in micro_z]).requires_grad_()
+    z2 = torch.cat([z[len(z) // 2 :] for z in micro_z]).requires_grad_()
+    # 2. The loss of the whole batch and d loss / d z.
+    loss = loss_fn(z1, z2)
+    backward(loss)
+    # 3. Re-forward with a graph, one micro-batch at a time, and backpropagate its gradient.
+    for number, start in enumerate(starts):
+        last = number == len(starts) - 1
+        with contextlib.nullcontext() if last else distributed.no_sync(model):
+            with autocast():
+                _, z = model(micro_views(start))
+            stop = start + micro_batch_size
+            grad = torch.cat([z1.grad[start:stop], z2.grad[start:stop]])
+            torch.autograd.backward(z, grad.to(z.dtype))
+    return loss.detach(), z1.detach(), z2.detach()
+
+
+def _autocast_factory(
+    device: torch.device, precision: str
+) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _contrastive_accuracy(z1: Tensor, z2: Tensor) -> float:
+    """Accuracy over the GLOBAL batch (every process's views are candidates), as the loss."""
+    with torch.no_grad():
+        gathered, _ = distributed.gather_with_grad(torch.cat([z1, z2], dim=1))
+        all1, all2 = gathered.split(z1.shape[1], dim=1)
+        return float(contrastive_accuracy(all1, all2))
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def _torchrun_launch() -> tuple[int, str | None]:
+    """(restart count, run id) of the torchrun job this process belongs to, or (0, None)."""
+    return (
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        os.environ.get("TORCHELASTIC_RUN_ID"),
+    )
 
 
 def pretrain(
@@ -238,6 +423,11 @@ def pretrain(
     Writes into ``run_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (append-only),
     TensorBoard events in ``tb/``, ``checkpoints/``, ``summary.json`` and ``report.md``.
 
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) every process calls this; rank 0
+    alone writes files, prints and evaluates, the others return once training is done. When
+    torchrun restarts the workers after a failure, they resume from the checkpoint the same
+    torchrun job wrote last, without ``resume``.
+
     Args:
         config: the validated run configuration.
         run_dir: the run folder; a folder that already holds checkpoints needs ``resume``.
@@ -248,17 +438,66 @@ def pretrain(
     Raises:
         ConfigError: user mistakes found before training (data, batch, device, run folder).
         NonFiniteLossError: the loss or gradients stopped being finite (policy ``stop``).
-        Preempted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step exists.
+        Preempted: SIGTERM/SIGINT arrived (at any process); a checkpoint of the last finished
+            step exists.
     """
+    device = select_device(config.train.device)
+    if config.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "train.precision: fp16 needs a CUDA device (mixed precision with a gradient scaler); "
+            "on the CPU use fp32 or bf16"
+        )
+    info = distributed.init_from_env(device.type, config.train.collective_timeout)
+    try:
+        if info.world_size > 1 and device.type == "cuda":
+            if ":" in config.train.device:
+                raise ConfigError(
+                    f"train.device: '{config.train.device}' names one GPU, but each of the "
+                    f"{info.world_size} processes takes GPU LOCAL_RANK; use cuda or auto"
+                )
+            device = torch.device("cuda", info.local_rank)
+        return _pretrain(
+            config, Path(run_dir), device, info, resume=resume, force=force,
+            quiet=quiet or not info.is_main,
+        )
+    finally:
+        if info.initialized_here:
+            distributed.shutdown()
+
+
+def _pretrain(
+    config: Config,
+    run_dir: Path,
+    device: torch.device,
+    info: distributed.DistInfo,
+    *,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+) -> dict[str, Any]:
     import yaml
 
     from simclrkit.evaluate import linear_probe_report
     from simclrkit.report import write_report
 
     started = time.perf_counter()
-    run_dir = Path(run_dir)
+    main = info.is_main
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=config.train.keep_last)
     latest = checkpoints.latest()
+    restart_count, launch_id = _torchrun_launch()
+    state = load_checkpoint(latest) if latest is not None and (resume or restart_count) else None
+    if not resume and state is not None:
+        # torchrun restarted the workers after a failure: continue from the checkpoint this
+        # same job (same rendezvous id) wrote, never from another run that is in the folder.
+        if launch_id is not None and state.get("launch_id") == launch_id:
+            resume = True
+            if not quiet:
+                print(
+                    f"simclrkit: torchrun restart {restart_count}: resuming from {latest}",
+                    file=sys.stderr,
+                )
+        else:
+            state = None
     if resume and latest is None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
     if not resume and latest is not None:
@@ -266,7 +505,6 @@ def pretrain(
             f"--run-dir: {run_dir} already holds a run; pass --resume to continue it, "
             "or choose another --run-dir"
         )
-    state = load_checkpoint(latest) if resume else None
     if state is not None:
         changed = config_differences(state["config"], config)
         if changed and not force:
@@ -275,7 +513,6 @@ def pretrain(
                 f"result ({'; '.join(changed)}); pass --force to resume anyway"
             )
 
-    device = select_device(config.train.device)
     train_data = load_dataset(
         config.data.dataset,
         config.data.root,
@@ -288,6 +525,7 @@ def pretrain(
         num_examples=len(train_data),
         native_image_size=train_data.native_size or config.data.image_size or 224,
         in_channels=train_data.num_channels,
+        world_size=info.world_size,
     )
     if train_data.native_size is None and config.data.image_size is None:
         raise ConfigError(
@@ -295,8 +533,11 @@ def pretrain(
             "e.g. data.image_size=224"
         )
     arch = architecture(config, plan)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(config), sort_keys=False))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)
+        )
     if not quiet:
         print(f"simclrkit: {len(train_data)} training images; {plan}", file=sys.stderr)
 
@@ -304,6 +545,8 @@ def pretrain(
     model = build_model(arch).to(device)
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if config.train.sync_bn:
+        model = distributed.convert_sync_batchnorm(model)  # same parameters, shared
     optimizer = build_optimizer(
         config.optim.name,
         parameter_groups(model, weight_decay=config.optim.weight_decay),
@@ -315,17 +558,28 @@ def pretrain(
     schedule = WarmupCosineSchedule(
         total_steps=plan.total_steps, warmup_steps=plan.warmup_steps, peak_lr=plan.scaled_lr
     )
+    scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
     start_step, skipped_steps, train_seconds = 0, 0, 0.0
     if state is not None:
         model.encoder.load_state_dict(state["encoder"])
         model.head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         start_step = state["step"]
         skipped_steps = state.get("skipped_steps", 0)
         train_seconds = state.get("train_seconds", 0.0)
+    # The module that runs forward passes; `model` stays the plain one (state dicts, eval).
+    forward_model = torch.compile(model) if config.train.compile else model
+    forward_model = distributed.wrap_ddp(forward_model, device)
+    autocast = _autocast_factory(device, config.train.precision)
 
-    loss_fn = NTXentLoss(temperature=config.loss.temperature, chunk_size=config.loss.chunk_size)
+    # Negatives from every process (paper §2.2); a single process keeps the plain loss.
+    gather = distributed.gather_with_grad if info.world_size > 1 else None
+    loss_fn = NTXentLoss(
+        temperature=config.loss.temperature, chunk_size=config.loss.chunk_size, gather=gather
+    )
     augment = build_augment(config, plan)
     batches = StepBatches(
         train_data,
@@ -333,18 +587,16 @@ def pretrain(
         seed=config.seed,
         global_batch_size=plan.global_batch_size,
         steps_per_epoch=plan.steps_per_epoch,
+        rank=info.rank,
+        world_size=info.world_size,
     )
-    metrics_path = run_dir / "metrics.jsonl"
-    _append_jsonl(
-        metrics_path,
-        {"event": "resume" if state else "start", "step": start_step, "time": time.time()},
-    )
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step drops events a killed run logged after its last checkpoint.
-    tensorboard = SummaryWriter(run_dir / "tb", purge_step=start_step if state else None)
+    log = _RunLog(run_dir, main, resumed_at=start_step if state else None)
+    log.write({"event": "resume" if state else "start", "step": start_step, "time": time.time()})
 
     def save(step: int) -> None:
+        # The state is the same on every process (DDP keeps it so); rank 0 writes it.
+        if not main:
+            return
         checkpoints.save(
             {
                 "step": step,
@@ -357,6 +609,9 @@ def pretrain(
                 "architecture": arch,
                 "skipped_steps": skipped_steps,
                 "train_seconds": train_seconds + (time.perf_counter() - window_start),
+                "world_size": info.world_size,
+                "launch_id": launch_id,
+                **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             step,
         )
@@ -364,7 +619,7 @@ def pretrain(
     progress = _Progress(plan.total_steps, start_step, quiet, config.train.log_every)
     model.train()
     window_start, window_images = time.perf_counter(), 0
-    step = start_step
+    last_record: dict[str, Any] | None = None
     stream = batch_stream(
         batches, start_step, plan.total_steps, num_workers=config.data.num_workers
     )
@@ -373,16 +628,22 @@ def pretrain(
             indices, view1, view2 = next(stream)
             views = torch.cat([view1, view2]).to(device, non_blocking=True)
             views = views.contiguous(memory_format=memory_format)
-            batch = view1.shape[0]
 
             lr = schedule.apply(optimizer, step)
-            _, z = model(views)
-            z1, z2 = z[:batch], z[batch:]
-            loss = loss_fn(z1, z2)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if _all_finite(loss, model):
-                optimizer.step()
+            loss, z1, z2 = contrastive_backward(
+                forward_model, views, loss_fn, micro_batch_size=config.train.micro_batch_size,
+                autocast=autocast, scaler=scaler,
+            )
+            # fp16: gradient overflow is the scaler's business (it skips the step and lowers
+            # the scale), so only the loss is checked.
+            finite = math.isfinite(loss.item()) if scaler is not None else _all_finite(loss, model)
+            if not distributed.all_reduce_any(not finite):
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             elif config.train.nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"non-finite loss or gradient at step {step + 1}; stopped before the "
@@ -393,7 +654,7 @@ def pretrain(
                 skipped_steps += 1
 
             done = step + 1
-            window_images += batch
+            window_images += plan.global_batch_size
             record = None
             if done % config.train.log_every == 0 or done == plan.total_steps:
                 now = time.perf_counter()
@@ -401,32 +662,37 @@ def pretrain(
                 record = {
                     "step": done,
                     "epoch": done / plan.steps_per_epoch,
-                    "loss": loss.item(),
-                    "contrastive_acc": float(contrastive_accuracy(z1.detach(), z2.detach())),
+                    "loss": distributed.all_reduce_mean(loss).item(),  # over the global batch
+                    "contrastive_acc": _contrastive_accuracy(z1, z2),
                     "lr": lr,
                     "images_per_second": window_images / max(now - window_start, 1e-9),
                     "skipped_steps": skipped_steps,
                 }
-                _append_jsonl(metrics_path, record)
-                for key in ("loss", "contrastive_acc", "lr", "images_per_second"):
-                    tensorboard.add_scalar(f"train/{key}", record[key], done)
+                log.write(
+                    record, ("loss", "contrastive_acc", "lr", "images_per_second"), "train/"
+                )
+                last_record = record
                 window_start, window_images = time.perf_counter(), 0
             progress.step(done, record)
-            if stop.signal_name is not None:
+            # A signal may have reached only some processes: all stop at this same step.
+            if distributed.all_reduce_any(stop.signal_name is not None):
                 save(done)
                 progress.close()
-                tensorboard.close()
-                _append_jsonl(metrics_path, {"event": "preempted", "step": done, "time": time.time()})
-                raise Preempted(done, stop.signal_name)
+                log.write({"event": "preempted", "step": done, "time": time.time()})
+                log.close()
+                distributed.barrier()  # nobody exits before the checkpoint is complete
+                raise Preempted(done, stop.signal_name or "a signal to another process")
             if done % config.train.checkpoint_every == 0 or done == plan.total_steps:
                 save(done)
     progress.close()
+    distributed.barrier()  # the last checkpoint is written before any process leaves
 
-    final = json.loads(metrics_path.read_text().splitlines()[-1])
+    if last_record is None and main:  # resumed at the end: nothing was trained here
+        last_record = json.loads(log.path.read_text().splitlines()[-1])
     summary: dict[str, Any] = {
         "steps": plan.total_steps,
         "epochs": plan.total_steps / plan.steps_per_epoch,
-        "final_loss": final.get("loss", float("nan")),
+        "final_loss": (last_record or {}).get("loss", float("nan")),
         "skipped_steps": skipped_steps,
         "train_seconds": train_seconds,
         "images_per_second": (plan.total_steps - start_step)
@@ -435,21 +701,31 @@ def pretrain(
         "data": dataset_summary(train_data),
         "plan": asdict(plan),
         "resumed_from_step": start_step if state else None,
+        "rank": info.rank,
     }
+    if not main:
+        return summary
     if config.eval.linear:
         def random_encoder() -> torch.nn.Module:
             torch.manual_seed(config.seed)  # the exact weights this run started from
             return build_model(arch).encoder
 
+        encoder = model.encoder
+        if info.world_size > 1:
+            # A plain-BatchNorm copy: rank 0 evaluates alone, SyncBatchNorm must not wait for
+            # the others if an evaluation ever runs it in training mode.
+            encoder = build_model(arch).encoder.to(device)
+            encoder.load_state_dict(model.encoder.state_dict())
         summary["eval"] = linear_probe_report(
-            model.encoder, random_encoder, config, image_size=plan.image_size, device=device,
+            encoder, random_encoder, config, image_size=plan.image_size, device=device,
             seed=config.seed, quiet=quiet,
         )
-        for key, value in summary["eval"].items():
-            if isinstance(value, float):
-                tensorboard.add_scalar(f"eval/{key}", value, plan.total_steps)
-        _append_jsonl(metrics_path, {"event": "eval", "step": plan.total_steps, **summary["eval"]})
-    tensorboard.close()
+        log.write(
+            {"event": "eval", "step": plan.total_steps, **summary["eval"]},
+            tuple(k for k, v in summary["eval"].items() if isinstance(v, float)),
+            "eval/",
+        )
+    log.close()
     summary["wall_seconds"] = time.perf_counter() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(run_dir)
