@@ -54,6 +54,22 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the bundled recipes")
 
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint's frozen or fine-tuned encoder")
+    evaluate.add_argument("checkpoint", help="a training checkpoint, e.g. RUN_DIR/checkpoints/last.pt")
+    evaluate.add_argument(
+        "--protocol", default="all", choices=("linear", "knn", "finetune", "all"),
+        help="linear (frozen features), knn, finetune (label fraction), or all",
+    )
+    evaluate.add_argument("--label-fraction", type=float, default=0.1, help="for finetune")
+    evaluate.add_argument("--json", action="store_true", help="one JSON object per protocol")
+    evaluate.add_argument("--out-dir", default=None, help="default: RUN_DIR/eval")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="e.g. data.dataset=fashion-mnist eval.knn_k=20 eval.linear_protocol=sgd",
+    )
+
     export = sub.add_parser("export", help="export the trained encoder for use elsewhere")
     export.add_argument("checkpoint", help="a training checkpoint, run folder or safetensors export")
     export.add_argument(
@@ -141,6 +157,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "recipes":
             for name, source in list_recipes().items():
                 print(f"{name:24s} {source}")
+            return 0
+        if args.command == "evaluate":
+            from simclrkit.eval_report import evaluate_checkpoint, format_results_table
+
+            results = evaluate_checkpoint(
+                args.checkpoint, protocols=args.protocol, label_fraction=args.label_fraction,
+                overrides=args.overrides, out_dir=args.out_dir, device=args.device,
+                seed=args.seed, quiet=args.json,
+            )
+            if args.json:
+                for result in results:
+                    print(json.dumps(result))
+            else:
+                print(format_results_table(results))
             return 0
         if args.command == "export":
             from simclrkit.export import export_checkpoint, model_card_path
