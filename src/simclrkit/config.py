@@ -326,7 +326,8 @@ def _describe(annotation: Any) -> str:
     )
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """Builds one config dataclass from plain data with type checks and close-match hints."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -342,7 +343,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             )
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value, f"{full}.")
+            kwargs[key] = build_section(annotation, value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, annotation)
     return cls(**kwargs)
@@ -354,7 +355,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     Raises:
         ConfigError: on an unknown key, a wrong type or an impossible value.
     """
-    return _build(Config, data, "")
+    return build_section(Config, data, "")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

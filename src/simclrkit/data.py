@@ -136,7 +136,7 @@ class ImageFiles:
     """Image files of any size, always read as RGB.
 
     Every file was decoded once when the dataset was loaded; the bad ones are not in
-    ``paths``. Colour conversion (see :func:`_to_rgb_array`): grayscale and palette images
+    ``paths``. Colour conversion (see :func:`to_rgb_array`): grayscale and palette images
     are expanded to RGB; alpha (RGBA, LA, PA) is dropped, not composited, as torchvision's
     ``pil_loader`` does; CMYK uses Pillow's conversion; 16-bit images are scaled to 8 bits
     with rounding (65535 -> 255); the EXIF orientation is applied.
@@ -209,10 +209,10 @@ class ImageFiles:
         if self._cache is not None:
             return self._cache[index]
         path = self.paths[index]
-        pixels, reason = _decode_file(path, max_image_pixels=self.max_image_pixels)
+        pixels, reason = decode_file(path, max_image_pixels=self.max_image_pixels)
         if pixels is None:
             raise OSError(f"{path}: {reason} (it decoded when the dataset was loaded; changed?)")
-        return _to_chw(pixels)
+        return to_chw(pixels)
 
 
 def dataset_summary(dataset: ImageArray | ImageFiles) -> dict[str, Any]:
@@ -936,7 +936,7 @@ def _reason(error: BaseException) -> str:
     return f"cannot decode: {type(error).__name__}: {error}"
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
+def to_rgb_array(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a loaded Pillow image of any mode."""
     ImageOps.exif_transpose(image, in_place=True)
     mode = image.mode
@@ -959,7 +959,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def _to_chw(pixels: np.ndarray) -> torch.Tensor:
+def to_chw(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
@@ -978,7 +978,7 @@ def _probe_file(path: str, *, max_image_pixels: int) -> tuple[int, str | None]:
         return 0, _reason(error)
 
 
-def _decode_file(
+def decode_file(
     path: str, *, max_image_pixels: int, keep_pixels: bool = True, silence_pillow: bool = False
 ) -> tuple[np.ndarray | None, str | None]:
     """Decodes a whole file: (pixels (H, W, 3) uint8 or None if not kept, None) or (None, reason).
@@ -1003,7 +1003,7 @@ def _decode_file(
                 image.load()
                 if stream.read_past_end:
                     raise _BadImage("truncated: the image data ends before the picture does")
-                pixels = _to_rgb_array(image)
+                pixels = to_rgb_array(image)
         return (pixels if keep_pixels else None), None
     except Exception as error:  # the guard: any failure of a bad file is a reason, not a crash
         return None, _reason(error)
@@ -1071,7 +1071,7 @@ def load_image_files(
     candidates = [i for i in range(len(paths)) if i not in reasons]
     keep = 3 * sum(probes[i][0] for i in candidates) <= cache_limit_bytes
     decode = partial(
-        _decode_file, max_image_pixels=max_image_pixels, keep_pixels=keep, silence_pillow=True
+        decode_file, max_image_pixels=max_image_pixels, keep_pixels=keep, silence_pillow=True
     )
     decoded = _map_in_order(decode, [paths[i] for i in candidates], workers)
 
@@ -1093,7 +1093,7 @@ def load_image_files(
             "them, or raise data.max_bad_fraction to skip them"
         )
     kept = [i for i in range(len(paths)) if i not in reasons]
-    cache = [_to_chw(pixels_by_index.pop(i)) for i in kept] if keep else None
+    cache = [to_chw(pixels_by_index.pop(i)) for i in kept] if keep else None
     result = ImageFiles(
         [paths[i] for i in kept],
         torch.tensor([labels[i] for i in kept], dtype=torch.int64) if labels is not None else None,

@@ -146,8 +146,8 @@ def eval_settings(overrides: Any = None) -> EvalSettings:
     for key, value in overrides.items():
         name = _ALIASES.get(key, key.removeprefix("eval."))
         data[name] = value
-    # config._build gives the same typed checks and "did you mean" hints as run configs.
-    return config_lib._build(EvalSettings, data, "eval.")
+    # config.build_section gives the same typed checks and "did you mean" hints as run configs.
+    return config_lib.build_section(EvalSettings, data, "eval.")
 
 
 def _parse_protocols(protocols: str | Sequence[str]) -> tuple[str, ...]:

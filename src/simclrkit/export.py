@@ -312,11 +312,11 @@ class Preprocess:
         from PIL import Image
 
         if isinstance(image, Image.Image):
-            from simclrkit.data import _to_chw, _to_rgb_array
+            from simclrkit.data import to_chw, to_rgb_array
 
             # The decoder data.py uses for image files (EXIF orientation, alpha dropped, 16-bit
             # scaled); it transposes in place, so it gets a copy of the caller's image.
-            image = _to_chw(_to_rgb_array(image.copy()))
+            image = to_chw(to_rgb_array(image.copy()))
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"expected a PIL image or a tensor, got {type(image).__name__}")
         if image.dim() == 3:
@@ -772,14 +772,6 @@ def _model_card(
 # --------------------------------------------------------------------------------------------
 
 
-def _select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device: '{name}' asked for, but no CUDA device is visible; use cpu")
-    return torch.device(name)
-
-
 def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     """Files as given and folders expanded recursively (sorted), without repeats, in order."""
     from simclrkit.data import find_image_files
@@ -867,7 +859,7 @@ def embed_images(
     """
     from tqdm import tqdm
 
-    from simclrkit.data import DEFAULT_MAX_IMAGE_PIXELS, _decode_file, _to_chw
+    from simclrkit.data import DEFAULT_MAX_IMAGE_PIXELS, decode_file, to_chw
 
     out = Path(out_path)
     if not out.name.endswith((".npy", ".parquet")):
@@ -880,14 +872,16 @@ def embed_images(
         raise ConfigError(f"--batch-size: got {batch_size!r}; allowed: an integer >= 1")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # one path, not a sequence of characters
-    target = _select_device(device)
+    from simclrkit.train import select_device
+
+    target = select_device(device, key="--device")
     paths = _expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"inputs: no image files found in {', '.join(map(str, inputs))}")
     encoder = load_encoder(checkpoint_path, device=target)
     # Preprocess on the CPU, next to the decoder; one transfer per batch.
     preprocess = Preprocess(encoder.preprocess.image_size, encoder.preprocess.in_channels)
-    decode = partial(_decode_file, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decode = partial(decode_file, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
@@ -911,7 +905,7 @@ def embed_images(
                     # Always said, also when quiet: a skipped file is a result, not progress.
                     tqdm.write(f"simclrkit: skipping {path}: {reason}", file=sys.stderr)
                     continue
-                views.append(preprocess(_to_chw(pixels)))
+                views.append(preprocess(to_chw(pixels)))
                 kept.append(path)
             if views:
                 rows.append(encoder(torch.cat(views).to(target)).float().cpu())

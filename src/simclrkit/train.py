@@ -113,12 +113,16 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
-def select_device(name: str) -> torch.device:
-    """Maps 'auto' to CUDA when present, else the CPU; checks an explicit CUDA request."""
+def select_device(name: str, key: str = "train.device") -> torch.device:
+    """Maps 'auto' to CUDA when present, else the CPU; checks an explicit CUDA request.
+
+    Raises:
+        ConfigError: CUDA asked for but absent; ``key`` names the setting in the message.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is visible; use cpu")
+        raise ConfigError(f"{key}: '{name}' asked for, but no CUDA device is visible; use cpu")
     return torch.device(name)
 
 
