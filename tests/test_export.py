@@ -411,7 +411,7 @@ def test_embed_folder_skips_bad_files_and_matches_the_encoder(
     assert table.column("path").to_pylist() == good
     assert str(table.schema.field("embedding").type) == "list<element: float>"
     parquet_h = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
-    np.testing.assert_allclose(parquet_h, h, rtol=0, atol=1e-6)  # other batches: rounding only
+    np.testing.assert_allclose(parquet_h, h, rtol=1e-5, atol=1e-5)  # other batches: rounding only
 
 
 def test_embed_argument_errors(tiny_checkpoint, image_folder, tmp_path):

@@ -95,9 +95,9 @@ def test_resume_refuses_changed_settings_unless_forced(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["pretrain", "--run-dir", str(run_dir), "--quiet", *TINY, "train.max_steps=2"]) == 0
     code = main(["pretrain", "--run-dir", str(run_dir), "--quiet", "--resume", *TINY,
-                 "train.max_steps=2", "loss.temperature=0.2"])
+                 "train.max_steps=2", "loss.temperature=0.3"])
     err = capsys.readouterr().err
-    assert code == 2 and "loss.temperature: 0.5 -> 0.2" in err and "--force" in err
+    assert code == 2 and "loss.temperature: 0.2 -> 0.3" in err and "--force" in err
     # starting over in a folder that holds a run is refused too: nothing is overwritten
     code = main(["pretrain", "--run-dir", str(run_dir), "--quiet", *TINY])
     assert code == 2 and "already holds a run" in capsys.readouterr().err

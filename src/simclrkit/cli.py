@@ -114,6 +114,11 @@ def _print_results(summary: dict) -> None:
                 f"{evaluation['random_init_linear_top1']:.4f}, {gain * 100:+.1f} points)"
             )
         print(line)
+    if "knn_top1" in evaluation:
+        line = f"kNN (k=200) on frozen features: top-1 {evaluation['knn_top1']:.4f}"
+        if "random_init_knn_top1" in evaluation:
+            line += f" (random initialisation: {evaluation['random_init_knn_top1']:.4f})"
+        print(line)
 
 
 def _show_augmentations(config, args: argparse.Namespace) -> int:
