@@ -730,7 +730,10 @@ def _pretrain(
     }
     if not main:
         return summary
-    if config.eval.linear:
+    if config.eval.linear and train_data.labels is None and not quiet:
+        print("simclrkit: no linear evaluation: the pretraining images have no labels",
+              file=sys.stderr)
+    if config.eval.linear and train_data.labels is not None:
         def random_encoder() -> torch.nn.Module:
             torch.manual_seed(config.seed)  # the exact weights this run started from
             return build_model(arch).encoder
