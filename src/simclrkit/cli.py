@@ -121,37 +121,6 @@ def _print_results(summary: dict) -> None:
         print(line)
 
 
-def _show_augmentations(config, args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from simclrkit.config import ConfigError, resolve
-    from simclrkit.data import load_dataset
-    from simclrkit.pipeline import epoch_order
-    from simclrkit.report import augmentation_grid
-    from simclrkit.train import build_augment
-
-    if args.images < 1 or args.views < 1:
-        raise ConfigError("--images and --views: allowed: integers >= 1")
-    source = load_dataset(config.data.dataset, config.data.root, "pretrain", quiet=True)
-    # Only the view transform is needed: resolve with a batch of 2 so that a recipe's large
-    # batch does not matter for a preview.
-    preview = replace(config, train=replace(config.train, batch_size=2, max_steps=None))
-    plan = resolve(
-        preview,
-        num_examples=len(source),
-        native_image_size=source.native_size or config.data.image_size or 224,
-        in_channels=source.num_channels,
-    )
-    indices = epoch_order(config.seed, 0, len(source))[: args.images].tolist()
-    images = [source.read(i) for i in indices]
-    out = augmentation_grid(
-        images, indices, build_augment(config, plan), args.out, seed=config.seed,
-        num_views=args.views,
-    )
-    print(f"wrote {out}: {len(images)} images x {args.views} views as pretraining draws them")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imports stay inside main so `simclrkit --help` is instant.
@@ -198,7 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         if args.command == "show-augmentations":
-            return _show_augmentations(load_config(args.config, args.overrides), args)
+            from simclrkit.report import preview_augmentations
+
+            out = preview_augmentations(
+                load_config(args.config, args.overrides), args.out,
+                num_images=args.images, num_views=args.views,
+            )
+            print(f"wrote {out}: {args.images} images x {args.views} views as pretraining draws them")
+            return 0
         if args.command == "pretrain":
             from simclrkit.train import (
                 EXIT_PREEMPTED,

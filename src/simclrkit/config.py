@@ -514,7 +514,9 @@ def resolve(
         total_steps = min(total_steps, train.max_steps)
     warmup_steps = min(total_steps, round(config.optim.warmup_epochs * steps_per_epoch))
     image_size = config.data.image_size or native_image_size
-    blur = config.augment.blur if config.augment.blur is not None else image_size > 32
+    from simclrkit.augment import default_blur
+
+    blur = config.augment.blur if config.augment.blur is not None else default_blur(image_size)
     cifar_stem = config.model.cifar_stem if config.model.cifar_stem is not None else image_size <= 32
     return Plan(
         world_size=world_size,

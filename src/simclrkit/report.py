@@ -174,3 +174,31 @@ def augmentation_grid(
     figure.savefig(out)
     plt.close(figure)
     return out
+
+
+def preview_augmentations(
+    config: Any, out: str | Path, *, num_images: int = 8, num_views: int = 6
+) -> Path:
+    """The first images of a run's epoch 0 with the views pretraining would draw for them.
+
+    Raises:
+        ConfigError: bad counts, or a folder of varying sizes without ``data.image_size``.
+    """
+    from simclrkit.augment import default_blur
+    from simclrkit.config import ConfigError
+    from simclrkit.data import load_dataset
+    from simclrkit.pipeline import epoch_order
+    from simclrkit.train import build_augment
+
+    if num_images < 1 or num_views < 1:
+        raise ConfigError("--images and --views: allowed: integers >= 1")
+    source = load_dataset(config.data.dataset, config.data.root, "pretrain", quiet=True)
+    image_size = config.data.image_size or source.native_size
+    if image_size is None:
+        raise ConfigError("data.image_size: images of a folder vary in size; set it, e.g. 224")
+    blur = config.augment.blur if config.augment.blur is not None else default_blur(image_size)
+    indices = epoch_order(config.seed, 0, len(source))[:num_images].tolist()
+    return augmentation_grid(
+        [source.read(i) for i in indices], indices, build_augment(config, image_size, blur), out,
+        seed=config.seed, num_views=num_views,
+    )

@@ -158,16 +158,17 @@ def build_model(arch: dict[str, Any]) -> SimCLR:
     return SimCLR(encoder, head)
 
 
-def build_augment(config: Config, plan: Plan) -> SimCLRAugment:
+def build_augment(config: Config, image_size: int, blur: bool) -> SimCLRAugment:
+    """The view transform of ``config.augment`` at ``image_size``, blur on or off."""
     aug = config.augment
     return SimCLRAugment(
-        output_size=plan.image_size,
+        output_size=image_size,
         crop_scale=(aug.crop_min_scale, 1.0),
         flip_prob=aug.flip_prob,
         color_jitter_strength=aug.color_jitter_strength,
         color_jitter_prob=aug.color_jitter_prob,
         grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob if plan.blur else 0.0,
+        blur_prob=aug.blur_prob if blur else 0.0,
         brightness=aug.brightness,
     )
 
@@ -604,7 +605,7 @@ def _pretrain(
     loss_fn = NTXentLoss(
         temperature=config.loss.temperature, chunk_size=config.loss.chunk_size, gather=gather
     )
-    augment = build_augment(config, plan)
+    augment = build_augment(config, plan.image_size, plan.blur)
     batches = StepBatches(
         train_data,
         augment,
