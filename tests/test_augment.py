@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simclrkit import augment
+from simclrkit import augment, render
 from simclrkit.augment import (
     NUM_SLOTS,
     EvalAugment,
@@ -461,7 +461,7 @@ def test_chunked_rendering_equals_one_chunk(monkeypatch):
     images = _smooth_images(7, 40, seed=5)
     aug = imagenet_augment(32)
     whole = aug.views(images, 1, 0, torch.arange(7))
-    monkeypatch.setattr(augment, "_CPU_CHUNK_BYTES", 1)  # one sample per chunk
+    monkeypatch.setattr(render, "_CPU_CHUNK_BYTES", 1)  # one sample per chunk
     chunked = aug.views(images, 1, 0, torch.arange(7))
     for a, b in zip(whole, chunked):
         _close(a, b)
@@ -472,7 +472,7 @@ def test_gather_scatter_colour_path_equals_slice_path(monkeypatch):
     images = _smooth_images(12, 40, seed=6)
     aug = imagenet_augment(32)
     sliced = aug.views(images, 2, 0, torch.arange(12))
-    monkeypatch.setattr(augment, "_prefers_slices", lambda device, runs: False)
+    monkeypatch.setattr(render, "_prefers_slices", lambda device, runs: False)
     gathered = aug.views(images, 2, 0, torch.arange(12))
     for a, b in zip(sliced, gathered):
         _close(a, b)

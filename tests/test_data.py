@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from simclrkit import data
+from simclrkit import data, imagearrays, imagefiles
 from simclrkit.config import ConfigError
 from simclrkit.data import (
     BadImageWarning,
@@ -105,7 +105,7 @@ def test_idx_wrong_magic_and_truncation_are_clear_errors(tmp_path):
 
 
 def test_fashion_mnist_defaults_to_the_debian_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_ROOT", str(tmp_path / "system"))
+    monkeypatch.setattr(imagearrays, "FASHION_MNIST_SYSTEM_ROOT", str(tmp_path / "system"))
     with pytest.raises(ConfigError) as error:
         load_dataset("fashion-mnist", None, "train")
     message = str(error.value)
@@ -606,7 +606,7 @@ def test_lazy_and_cached_reads_are_identical(tmp_path):
 
 def test_result_does_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, bomb_png):
     bad = _bad_folder(tmp_path, bomb_png)
-    monkeypatch.setattr(data, "_PARALLEL_MIN_FILES", 0)  # use the pool even for a few files
+    monkeypatch.setattr(imagefiles, "_PARALLEL_MIN_FILES", 0)  # use the pool even for a few files
     results = []
     for workers in (0, 2):
         with pytest.warns(BadImageWarning) as record:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from simclrkit import evaluate
+from simclrkit import finetune as finetune_lib
 from simclrkit.config import ConfigError, load_config
 from simclrkit.data import load_dataset, mnist5k_split
 from simclrkit.eval_report import (
@@ -93,8 +94,8 @@ def test_frozen_protocols_leave_weights_and_bn_buffers_bit_identical(encoder, di
             encoder, train, test, image_size=16, num_classes=10, epochs=1, batch_size=64,
             augment=augment,
         )
-    evaluate.finetune(encoder, train, np.arange(40), test, image_size=16, num_classes=10,
-                      epochs=1, batch_size=20)
+    finetune_lib.finetune(encoder, train, np.arange(40), test, image_size=16, num_classes=10,
+                          epochs=1, batch_size=20)
 
     _assert_unchanged(encoder, before)
     assert encoder.training
@@ -110,15 +111,15 @@ def test_frozen_protocols_leave_weights_and_bn_buffers_bit_identical(encoder, di
 def test_finetune_network_reads_the_selected_projection_head_layer(encoder, digits):
     torch.manual_seed(1)
     head = ProjectionHead(encoder.feature_dim, num_layers=3, hidden_dim=24, out_dim=8).eval()
-    network = evaluate.FineTuneNetwork(encoder, list(head.layers[:1]), 10).eval()
+    network = finetune_lib.FineTuneNetwork(encoder, list(head.layers[:1]), 10).eval()
     assert network.classifier.in_features == 24
     x = torch.rand(4, 1, 16, 16)
     with torch.no_grad():
         expected = network.classifier(head.forward_layers(encoder.forward_features(x))[1])
         torch.testing.assert_close(network(x), expected)
     with pytest.raises(ConfigError, match="ft_proj_selector: got 4; allowed: 0 to 3"):
-        evaluate.finetune(encoder, digits[0], np.arange(10), digits[1], image_size=16,
-                          num_classes=10, epochs=1, head=head, proj_selector=4)
+        finetune_lib.finetune(encoder, digits[0], np.arange(10), digits[1], image_size=16,
+                              num_classes=10, epochs=1, head=head, proj_selector=4)
 
 
 # --------------------------------------------------------------------------------------
@@ -178,21 +179,21 @@ def test_knn_matches_a_naive_loop_and_is_independent_of_chunking():
 
 def test_class_balanced_subset_counts_round_half_up_and_keep_one_per_class():
     labels = np.repeat([0, 1, 2, 3], [50, 25, 7, 3])
-    subset = evaluate.class_balanced_subset(labels, 0.1, seed=0)
+    subset = finetune_lib.class_balanced_subset(labels, 0.1, seed=0)
     # 5; 2.5 -> 3 (half up; Python's round gives 2); 0.7 -> 1; 0.3 -> 0 -> at least 1.
     assert np.bincount(labels[subset]).tolist() == [5, 3, 1, 1]
     assert subset.dtype == np.int64 and np.all(np.diff(subset) > 0)
-    assert evaluate.class_balanced_subset(labels, 1.0, seed=0).tolist() == list(range(85))
+    assert finetune_lib.class_balanced_subset(labels, 1.0, seed=0).tolist() == list(range(85))
     for bad in (0.0, -0.1, 1.5, float("nan"), "0.1"):
         with pytest.raises(ConfigError, match="label_fraction"):
-            evaluate.class_balanced_subset(labels, bad, seed=0)
+            finetune_lib.class_balanced_subset(labels, bad, seed=0)
 
 
 def test_class_balanced_subset_of_mnist5k_refers_to_train_and_is_seeded():
     train_labels = load_dataset("mnist5k", None, "train", quiet=True).labels.numpy()
     all_labels = load_dataset("mnist5k", None, "all", quiet=True).labels.numpy()
     train_index, test_index = mnist5k_split(all_labels)
-    subset = evaluate.class_balanced_subset(train_labels, 0.1, seed=3)
+    subset = finetune_lib.class_balanced_subset(train_labels, 0.1, seed=3)
     counts = np.bincount(train_labels)
     assert np.bincount(train_labels[subset]).tolist() == [
         math.floor(0.1 * c + 0.5) for c in counts
@@ -200,8 +201,8 @@ def test_class_balanced_subset_of_mnist5k_refers_to_train_and_is_seeded():
     in_all = train_index[subset]  # positions in the 5,000 images
     assert not set(in_all) & set(test_index)
     assert np.array_equal(all_labels[in_all], train_labels[subset])
-    assert np.array_equal(subset, evaluate.class_balanced_subset(train_labels, 0.1, seed=3))
-    assert not np.array_equal(subset, evaluate.class_balanced_subset(train_labels, 0.1, seed=4))
+    assert np.array_equal(subset, finetune_lib.class_balanced_subset(train_labels, 0.1, seed=3))
+    assert not np.array_equal(subset, finetune_lib.class_balanced_subset(train_labels, 0.1, seed=4))
 
 
 # --------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def test_report_files_hold_the_results(evaluated, run_dir):
         assert f"]({name})" in markdown
     subset = json.loads((out / evaluated[2]["subset_file"]).read_text())
     train_labels = load_dataset("mnist5k", None, "train", quiet=True).labels.numpy()
-    assert subset["indices"] == evaluate.class_balanced_subset(train_labels, 0.1, 0).tolist()
+    assert subset["indices"] == finetune_lib.class_balanced_subset(train_labels, 0.1, 0).tolist()
 
 
 def test_sgd_linear_protocol_on_cached_features(run_dir, tmp_path):

@@ -23,11 +23,11 @@ import simclrkit
 from simclrkit.augment import apply_eval
 from simclrkit.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save
 from simclrkit.config import ConfigError, load_config
+from simclrkit.embed import embed_images
 from simclrkit.export import (
     Preprocess,
     _match_channels,
     _torchvision_blockers,
-    embed_images,
     export_checkpoint,
     load_encoder,
     model_card_path,

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import TINY
-from simclrkit import train as train_module
+from simclrkit import step as step_module
 from simclrkit.checkpoint import load_checkpoint
 from simclrkit.config import ConfigError, TrainConfig, load_config, resolve
 from simclrkit.losses import NTXentLoss, nt_xent
-from simclrkit.train import build_model, contrastive_backward, pretrain
+from simclrkit.step import contrastive_backward
+from simclrkit.train import build_model, pretrain
 
 ARCH = {
     "encoder": "resnet18", "width": 0.125, "in_channels": 1, "cifar_stem": True,
@@ -103,7 +104,7 @@ def test_training_mode_equals_autograd_over_the_same_micro_batches(micro_batch_s
 def test_without_restoring_the_statistics_they_would_move_twice(monkeypatch):
     """The check above can fail: the no-graph pass would update the running statistics too."""
     monkeypatch.setattr(
-        train_module, "_batchnorm_statistics_kept", lambda model: contextlib.nullcontext()
+        step_module, "_batchnorm_statistics_kept", lambda model: contextlib.nullcontext()
     )
     cached = _model().train()
     contrastive_backward(cached, _views(), NTXentLoss(TEMPERATURE), micro_batch_size=2)
@@ -152,7 +153,7 @@ def test_precision_settings(tmp_path):
     assert not (tmp_path / "run").exists()
     # bf16 autocast reaches the forward pass; fp32 leaves it alone
     layer = torch.nn.Linear(4, 4)
-    with train_module._autocast_factory(torch.device("cpu"), "bf16")():
+    with step_module._autocast_factory(torch.device("cpu"), "bf16")():
         assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
-    with train_module._autocast_factory(torch.device("cpu"), "fp32")():
+    with step_module._autocast_factory(torch.device("cpu"), "fp32")():
         assert layer(torch.ones(1, 4)).dtype == torch.float32

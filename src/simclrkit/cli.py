@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out} and its model card {model_card_path(out)}")
             return 0
         if args.command == "embed":
-            from simclrkit.export import embed_images
+            from simclrkit.embed import embed_images
 
             result = embed_images(
                 args.checkpoint, args.images, args.out, batch_size=args.batch_size,

@@ -1,4 +1,4 @@
-"""Evaluating a checkpoint: run the protocols of ``evaluate.py``, write the evaluation report.
+"""Evaluating a checkpoint: run the protocols of ``evaluate.py``/``finetune.py``, write the report.
 
 :func:`evaluate_checkpoint` loads a training checkpoint, runs the chosen protocols (linear,
 kNN, fine-tuning; SPEC §7) on the labelled train/test splits of the checkpoint's dataset (or
@@ -40,6 +40,7 @@ import torch
 
 from simclrkit import config as config_lib
 from simclrkit import evaluate
+from simclrkit import finetune as finetune_lib
 from simclrkit.checkpoint import load_checkpoint
 from simclrkit.config import Config, ConfigError, DataConfig
 from simclrkit.data import load_dataset
@@ -271,7 +272,7 @@ def _run_protocol(
 
     def finetune(name: str) -> dict[str, Any]:
         network = subjects.network(name)
-        return evaluate.finetune(
+        return finetune_lib.finetune(
             network.encoder, train, subset, test, image_size=image_size,
             num_classes=num_classes, epochs=finetune_epochs, head=network.head,
             proj_selector=settings.ft_proj_selector, batch_size=settings.finetune_batch_size,
@@ -334,7 +335,7 @@ def evaluate_checkpoint(
     protocols = _parse_protocols(protocols)
     settings = eval_settings(overrides)
     if "finetune" in protocols:
-        evaluate.class_balanced_subset([0], label_fraction)  # validates before any work
+        finetune_lib.class_balanced_subset([0], label_fraction)  # validates before any work
     checkpoint_path = Path(checkpoint_path)
     state = load_checkpoint(checkpoint_path)
     run_config = config_lib.from_dict(state["config"])
@@ -374,7 +375,7 @@ def evaluate_checkpoint(
     for protocol in protocols:
         started = time.perf_counter()
         if protocol == "finetune":
-            subset = evaluate.class_balanced_subset(train.labels.numpy(), label_fraction, seed)
+            subset = finetune_lib.class_balanced_subset(train.labels.numpy(), label_fraction, seed)
             subset_file = out_dir / f"label_subset_{label_fraction * 100:g}pct_seed{seed}.json"
             subset_file.write_text(json.dumps({
                 "dataset": dataset, "split": "train", "label_fraction": label_fraction,
@@ -383,7 +384,7 @@ def evaluate_checkpoint(
         entry, predictions[protocol] = _run_protocol(
             protocol, subjects, settings, num_classes=num_classes, subset=subset, seed=seed,
             finetune_epochs=settings.finetune_epochs
-            or evaluate.finetune_epochs(label_fraction, device),
+            or finetune_lib.finetune_epochs(label_fraction, device),
         )
         if protocol == "finetune":
             entry.update(label_fraction=label_fraction, subset_file=subset_file.name)

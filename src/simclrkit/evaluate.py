@@ -17,9 +17,8 @@ stay bit-identical; the tests check it).
   features vote for their class with weight exp(similarity / temperature).
 * :class:`OnlineProbe`: the linear classifier trained during pretraining on a stopped
   gradient of h (reference TF2 ``lineareval_while_pretraining``; paper App. B.6).
-* Fine-tuning on a class-balanced fraction of the labels (paper App. B.5; SimCLRv2 §2): the
-  whole network, optionally with the first layers of the projection head, trains with BN in
-  train mode under Nesterov SGD (lr 0.05 * B / 256, no weight decay), crop and flip only.
+* Fine-tuning on a class-balanced fraction of the labels (paper App. B.5; SimCLRv2 §2) is in
+  ``finetune.py``; it reuses the views and helpers defined here.
 
 The orchestration that runs these on a checkpoint and writes the report is in
 ``eval_report.py``.
@@ -27,7 +26,6 @@ The orchestration that runs these on a checkpoint and writes the report is in
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -513,165 +511,6 @@ class OnlineProbe(nn.Module):
         loss = F.cross_entropy(logits, labels)
         correct = (logits.detach().argmax(dim=1) == labels).sum()
         return loss, correct
-
-
-# --------------------------------------------------------------------------------------
-# Fine-tuning on a fraction of the labels
-# --------------------------------------------------------------------------------------
-
-
-def class_balanced_subset(labels: Sequence[int] | np.ndarray | torch.Tensor, fraction: float,
-                          seed: int = 0) -> np.ndarray:
-    """A class-balanced sample of a labelled split (the paper's 1% / 10% ImageNet subsets).
-
-    Each class contributes round(fraction * its count) images (halves round up), at least one,
-    drawn without replacement with ``numpy.random.default_rng(seed)``, class by class in
-    increasing label order.
-
-    Args:
-        labels: (N,) labels of the split the indices refer to (the training split).
-        fraction: 0 < fraction <= 1.
-        seed: which images are drawn.
-
-    Returns:
-        Sorted (K,) int64 indices into ``labels``.
-
-    Raises:
-        ConfigError: when ``fraction`` is outside (0, 1].
-    """
-    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
-        raise ConfigError(f"label_fraction: got {fraction!r}; allowed: 0 < value <= 1 (0.1 = 10%)")
-    labels = np.asarray(labels, dtype=np.int64)
-    generator = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = min(len(members), max(1, math.floor(fraction * len(members) + 0.5)))
-        chosen.append(generator.permutation(members)[:count])
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-
-
-def finetune_epochs(label_fraction: float, device: torch.device | str) -> int:
-    """Default fine-tuning length: the paper's 60 epochs for <= 1% labels, 30 above (App. B.5),
-    halved on a CPU (30 / 15) so 10% of MNIST-5k fine-tunes in about ten seconds."""
-    epochs = 60 if label_fraction <= 0.01 else 30
-    return epochs // 2 if torch.device(device).type == "cpu" else epochs
-
-
-class FineTuneNetwork(nn.Module):
-    """Encoder, the first ``selector`` projection-head layers, then a linear classifier.
-
-    SimCLRv2 §2 fine-tunes from the middle of the projection head (``ft_proj_selector=1`` of
-    a 3-layer head); ``selector=0`` is SimCLRv1 (classifier on h). The classifier reads
-    ``head.forward_layers(h)[selector]``, as the reference's ``hiddens_list[ft_proj_selector]``.
-    """
-
-    def __init__(self, encoder: nn.Module, head_layers: Sequence[nn.Module], num_classes: int,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head_layers = nn.ModuleList(head_layers)
-        in_dim = _feature_dim(encoder)
-        for layer in self.head_layers:
-            in_dim = [m for m in layer.modules() if isinstance(m, nn.Linear)][-1].out_features
-        self.classifier = nn.Linear(in_dim, num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.01, generator=generator)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> class logits (B, num_classes)."""
-        hidden = self.encoder.forward_features(x)
-        for layer in self.head_layers:
-            hidden = layer(hidden)
-        return self.classifier(hidden)
-
-
-def finetune(
-    encoder: nn.Module,
-    train: Source,
-    indices: np.ndarray,
-    test: Source,
-    *,
-    image_size: int,
-    num_classes: int,
-    epochs: int,
-    head: nn.Module | None = None,
-    proj_selector: int = 0,
-    batch_size: int = 256,
-    base_lr: float = 0.05,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    eval_batch_size: int = 512,
-) -> dict[str, Any]:
-    """Fine-tunes copies of the encoder (and head layers) on ``train[indices]``; scores ``test``.
-
-    Paper App. B.5 / SimCLRv2: the whole network in train mode (BN uses and updates batch
-    statistics, as the reference), Nesterov SGD momentum 0.9, lr = ``base_lr`` * B / 256, no
-    weight decay, cosine decay without warmup, crop and flip only; test images use the test
-    transform with the network in eval mode. The caller's modules are not modified.
-
-    Args:
-        encoder: the starting encoder (copied).
-        train: the labelled training split; ``indices`` (K,) select the labelled subset.
-        test: the test split.
-        image_size, num_classes: views and classes.
-        epochs: passes over the subset (paper: 60 for 1%, 30 for 10%; see
-            :func:`finetune_epochs`).
-        head: the projection head, needed when ``proj_selector > 0``.
-        proj_selector: keep head layers [0, selector) under the classifier.
-        batch_size: B (clamped to the subset size); each epoch is split in near-equal batches.
-        base_lr: lr before the linear scaling.
-        seed: the classifier's initialisation, the shuffling and the crops.
-        device: where to train.
-        eval_batch_size: batch for the test split.
-
-    Returns:
-        ``top1``, ``top5``, ``epochs``, ``batch_size``, ``lr``, ``steps``, ``num_labelled``,
-        ``proj_selector`` and ``predictions``.
-    """
-    layers = [] if head is None else list(getattr(head, "layers", []))
-    if not 0 <= proj_selector <= len(layers):
-        raise ConfigError(
-            f"ft_proj_selector: got {proj_selector}; allowed: 0 to {len(layers)} "
-            "(the number of projection-head layers)"
-        )
-    indices = np.asarray(indices, dtype=np.int64)
-    batch_size = min(batch_size, len(indices))
-    generator = torch.Generator().manual_seed(seed)
-    network = FineTuneNetwork(
-        copy.deepcopy(encoder), copy.deepcopy(layers[:proj_selector]), num_classes, generator
-    ).to(device)
-    lr = base_lr * batch_size / 256
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    schedule = WarmupCosineSchedule(epochs * math.ceil(len(indices) / batch_size), 0, lr)
-    network.train()
-    step = 0
-    for epoch in range(epochs):
-        for batch in _batches(len(indices), batch_size, np.random.default_rng([seed, epoch])):
-            chosen = indices[batch]
-            views = eval_views(train, chosen, image_size, train=True, seed=seed, epoch=epoch)
-            loss = F.cross_entropy(network(views.to(device)), train.labels[chosen].to(device))
-            schedule.apply(optimizer, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    network.eval()
-    with torch.no_grad():
-        batches = _test_batches(test, image_size, eval_batch_size)
-        scores = torch.cat([network(x.to(device)).float().cpu() for x in batches])
-    top1, top5 = top_k_accuracies(scores, test.labels)
-    return {
-        "top1": top1,
-        "top5": top5,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "steps": step,
-        "num_labelled": int(len(indices)),
-        "proj_selector": proj_selector,
-        "predictions": scores.argmax(dim=1).numpy(),
-    }
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Using a trained encoder: export it, load it in one line, embed folders of images with it.
+"""Using a trained encoder: export it and load it in one line.
 
 After pretraining, the projection head g is thrown away and the encoder f is what is used
 (paper §2.1, §4.2: h, not z, is the representation). This module turns a training checkpoint
@@ -7,12 +7,14 @@ into files other code can use, and back into a module:
 * :func:`export_checkpoint` writes the encoder as a torchvision state dict, a safetensors file
   with metadata, TorchScript or ONNX, each with a model card ``<out>.MODEL_CARD.md`` beside
   it. The card's name is the export's name plus a suffix (``encoder.onnx.MODEL_CARD.md``), so
-  several exports can share a folder without overwriting each other's cards.
+  several exports can share a folder without overwriting each other's cards. The card's text
+  is written by ``modelcard.py``.
 * :func:`load_encoder` rebuilds the encoder from a training checkpoint or a safetensors export
   (weights only: ``torch.load(weights_only=True)`` or safetensors, nothing that can run code)
   and attaches ``preprocess``, the test-time transform it was evaluated with.
-* :func:`embed_images` computes h for every image of some files and folders, with the same
-  safe decoding as training (``data.py``), and writes ``.npy`` or ``.parquet``.
+
+Embedding folders of images with a loaded encoder is in ``embed.py``
+(:func:`simclrkit.embed.embed_images`).
 
 Inputs are the reference's: floats in [0, 1] with no mean/std normalisation (SPEC §2), and the
 test-time view is a centre crop of 0.875 of the shorter side resized to the training size (the
@@ -23,22 +25,17 @@ usual ImageNet mean/std: these weights never saw normalised inputs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
 import secrets
-import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,12 +43,12 @@ from simclrkit import __version__
 from simclrkit.augment import apply_eval
 from simclrkit.checkpoint import CheckpointError, load_checkpoint
 from simclrkit.config import ConfigError
+from simclrkit.modelcard import _model_card, _preprocessing
 
 __all__ = [
     "EXPORT_FORMAT",
     "FORMATS",
     "Preprocess",
-    "embed_images",
     "export_checkpoint",
     "load_encoder",
     "model_card_path",
@@ -397,23 +394,6 @@ def _torchvision_blockers(arch: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def _preprocessing(arch: dict[str, Any]) -> dict[str, Any]:
-    size = arch["image_size"]
-    crop = (
-        f"centre crop of 0.875 of the shorter side, resized to {size}x{size}"
-        if size > 32
-        else f"whole image resized to {size}x{size} (no crop at <= 32 px)"
-    )
-    return {
-        "image_size": size,
-        "in_channels": arch["in_channels"],
-        "input_range": "[0, 1]",
-        "normalization": "none (no mean/std: inputs are floats in [0, 1], as in the reference)",
-        "eval_transform": f"{crop}, bicubic (simclrkit.augment.apply_eval(train=False))",
-        "layout": "(B, C, H, W) float32",
-    }
-
-
 def _metadata(trained: _Trained, feature_dim: int) -> dict[str, str]:
     """safetensors metadata (strings only) that makes the file self-describing."""
     info = {key: value for key, value in trained.info.items() if key != "evaluation"}
@@ -598,326 +578,3 @@ def export_checkpoint(
     card = _model_card(trained, encoder, fmt, out, include_head)
     _write_atomically(model_card_path(out), lambda path: Path(path).write_text(card))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Model card
-# --------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _how_to_load(fmt: str, out: Path, arch: dict[str, Any]) -> list[str]:
-    shape = f"(B, {arch['in_channels']}, {arch['image_size']}, {arch['image_size']})"
-    snippets = {
-        "safetensors": [
-            "import simclrkit",
-            f'encoder = simclrkit.load_encoder("{out.name}")  # eval mode, on the CPU',
-            "h = encoder(encoder.preprocess(image))  # a PIL image or (C, H, W) tensor -> (1, D)",
-        ],
-        "torchvision": [
-            "import torch, torchvision",
-            f"model = torchvision.models.{arch['encoder']}()",
-            f'model.load_state_dict(torch.load("{out.name}", weights_only=True), strict=False)',
-            "model.fc = torch.nn.Identity()  # h instead of ImageNet logits",
-            f"h = model.eval()(x)  # x: {shape} floats in [0, 1], NO mean/std",
-        ],
-        "torchscript": [
-            "import torch",
-            f'encoder = torch.jit.load("{out.name}")',
-            f"h = encoder(x)  # x: {shape} floats in [0, 1]",
-        ],
-        "onnx": [
-            "import onnxruntime",
-            f'session = onnxruntime.InferenceSession("{out.name}")',
-            f'h = session.run(["h"], {{"images": x}})[0]  # x: float32 {shape} in [0, 1]',
-        ],
-    }
-    return ["```python", *snippets[fmt], "```"]
-
-
-def _card_data(info: dict[str, Any]) -> list[str]:
-    data = info.get("data") or {}
-    dataset = data.get("name") or (info.get("config") or {}).get("data", {}).get("dataset", "?")
-    lines = [f"- dataset: {dataset}" + (f" ({data['split']} split)" if data.get("split") else "")]
-    if isinstance(data.get("size"), int):
-        lines.append(f"- images: {data['size']:,} used for pretraining; labels unused")
-    if "skipped" in data:
-        examples = ", ".join(data.get("skipped_examples", []))
-        examples = f" (e.g. {examples})" if examples else ""
-        lines.append(f"- unreadable files skipped: {data['skipped']}{examples}")
-    return lines
-
-
-def _card_recipe(info: dict[str, Any]) -> list[str]:
-    config, plan = info.get("config") or {}, info.get("plan") or {}
-    if not config:
-        return ["- not recorded with this file"]
-    optim, augment = config.get("optim", {}), config.get("augment", {})
-    step = info.get("step")
-    epochs = (
-        f" ({step / plan['steps_per_epoch']:.2f} epochs)"
-        if step is not None and plan.get("steps_per_epoch")
-        else ""
-    )
-    scaled = f" -> {plan['scaled_lr']:.4g}" if "scaled_lr" in plan else ""
-    lines = [
-        f"- steps: {step}{epochs}; global batch {config.get('train', {}).get('batch_size')}; "
-        f"seed {config.get('seed')}",
-        f"- optimiser: {optim.get('name')}, base lr {optim.get('lr')} ({optim.get('lr_scaling')} "
-        f"scaling{scaled}), weight decay {optim.get('weight_decay')}, warmup "
-        f"{optim.get('warmup_epochs')} epochs then cosine decay",
-        f"- NT-Xent temperature {config.get('loss', {}).get('temperature')}",
-        f"- augmentation: colour jitter strength {augment.get('color_jitter_strength')} "
-        f"(p {augment.get('color_jitter_prob')}), grayscale p {augment.get('grayscale_prob')}, "
-        f"blur {plan.get('blur', augment.get('blur'))}, crop min scale "
-        f"{augment.get('crop_min_scale')}",
-    ]
-    if info.get("train_seconds"):
-        lines.append(f"- training time: {info['train_seconds']:.0f} s")
-    return lines
-
-
-def _card_evaluation(info: dict[str, Any]) -> list[str]:
-    evaluation = info.get("evaluation") or {}
-    if not evaluation:
-        return ["No evaluation was recorded for this checkpoint (pretrain with eval.linear=true)."]
-    lines = ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {key} | {value:.4f} |" for key, value in evaluation.items()]
-    if "linear_top1" in evaluation:
-        lines += [
-            "",
-            "linear_*: logistic regression on frozen h, fitted on the labelled train split and "
-            "scored on the test split; random_init_*: the same architecture at its initial "
-            "weights (what pretraining added).",
-        ]
-    return lines
-
-
-def _model_card(
-    trained: _Trained, encoder: nn.Module, fmt: str, out: Path, include_head: bool
-) -> str:
-    """The markdown model card: what the model is, what it saw, how good it is, how to use it."""
-    arch, info = trained.architecture, trained.info
-    size, channels = arch["image_size"], arch["in_channels"]
-    colour = "grayscale" if channels == 1 else "RGB"
-    stem = "CIFAR (3x3/1, no max-pool)" if arch["cifar_stem"] else "ImageNet (7x7/2, max-pool)"
-    parameters = sum(p.numel() for p in encoder.parameters())
-    head = "included (head.* tensors)" if include_head else "not included"
-    data = info.get("data") or {}
-    count = data.get("size")
-    how_many = f"{count:,}" if isinstance(count, int) else "an unknown number of"
-    lines = [
-        f"# {arch['encoder']} (width {arch['width']}) SimCLR encoder, "
-        f"h of size {encoder.feature_dim}",
-        "",
-        f"Exported by simclrkit {__version__} as **{fmt}** (`{out.name}`, sha256 "
-        f"`{_sha256(out)}`) from a training checkpoint at step {info.get('step', '?')}.",
-        "",
-        "## Model",
-        "",
-        f"- encoder f: {arch['encoder']}, width multiplier {arch['width']}, {stem} stem, "
-        f"{parameters:,} parameters",
-        f"- output h: {encoder.feature_dim} values per image after global average pooling "
-        "(paper §2.1: the representation used downstream)",
-        f"- projection head g ({arch['head']}, {arch['head_layers']} layers, z of size "
-        f"{arch['proj_dim']}): {head}",
-        "",
-        "## Input",
-        "",
-        f"- {channels}-channel ({colour}) float images in [0, 1], shape (B, {channels}, {size}, "
-        f"{size}); **no mean/std normalisation** (as the reference trains).",
-        f"- test-time view: {_preprocessing(arch)['eval_transform']}.",
-        "- `simclrkit.load_encoder(...).preprocess` does all of this for PIL images and tensors.",
-        "",
-        "## Training data",
-        "",
-        *_card_data(info),
-        "",
-        "## Training recipe",
-        "",
-        *_card_recipe(info),
-        "",
-        "## Evaluation",
-        "",
-        *_card_evaluation(info),
-        "",
-        "## Intended use and limits",
-        "",
-        f"- A feature extractor for images like its training data ({how_many} {colour} images "
-        f"at {size}x{size} px): fit a linear classifier or a kNN on h, or fine-tune.",
-        "- Self-supervised features carry the biases of their training images; they are not "
-        "validated on other domains, at resolutions far from the training size, or for any "
-        "decision about people. Check accuracy on your own labelled data first.",
-    ]
-    if isinstance(count, int) and count < 50_000:
-        lines.append(
-            f"- Trained on only {count:,} images: expect features far weaker than the paper's "
-            "ImageNet models (SPEC §8)."
-        )
-    if fmt == "torchvision":
-        lines.append("- torchvision users: do NOT apply the ImageNet mean/std; feed [0, 1] floats.")
-    lines += ["", "## How to load", "", *_how_to_load(fmt, out, arch), ""]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Embedding folders of images
-# --------------------------------------------------------------------------------------------
-
-
-def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """Files as given and folders expanded recursively (sorted), without repeats, in order."""
-    from simclrkit.data import find_image_files
-
-    paths, seen = [], set()
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found = find_image_files(item)
-        elif item.is_file():
-            found = [str(item)]
-        else:
-            raise ConfigError(f"inputs: {item} is neither a file nor a folder")
-        for path in found:
-            key = os.path.realpath(path)
-            if key not in seen:
-                seen.add(key)
-                paths.append(path)
-    return paths
-
-
-def _write_embeddings(out: Path, paths: list[str], h: np.ndarray, source: str) -> Path | None:
-    """Writes .npy (+ ``<out>.files.txt``) or .parquet; returns the sidecar's path if any."""
-    if out.name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as parquet
-
-        # list<float32> has 32-bit offsets; beyond 2**31 values only large_list can hold them.
-        large = h.size >= 2**31
-        offsets = np.arange(0, h.size + 1, h.shape[1], dtype=np.int64 if large else np.int32)
-        values = pa.array(h.reshape(-1), pa.float32())
-        lists = pa.LargeListArray if large else pa.ListArray
-        embedding = lists.from_arrays(pa.array(offsets), values)
-        table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding})
-        table = table.replace_schema_metadata({"simclrkit.encoder": source, "dim": str(h.shape[1])})
-        _write_atomically(out, lambda path: parquet.write_table(table, path))
-        return None
-
-    def save(path: str) -> None:
-        with open(path, "wb") as handle:  # a handle: np.save would append ".npy" to a name
-            np.save(handle, h)
-
-    _write_atomically(out, save)
-    sidecar = Path(f"{out}.files.txt")
-    _write_atomically(sidecar, lambda path: Path(path).write_text("".join(p + "\n" for p in paths)))
-    return sidecar
-
-
-def embed_images(
-    checkpoint_path: str | os.PathLike,
-    inputs: Sequence[str | os.PathLike],
-    out_path: str | os.PathLike,
-    *,
-    batch_size: int = 256,
-    device: str = "auto",
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Computes h for every image of ``inputs`` and writes them to ``out_path``.
-
-    Folders are searched recursively for image files (``data.find_image_files``); files are
-    decoded by data.py's safe decoder, in threads, while the previous batch runs through the
-    encoder. Files that do not decode (empty, truncated, not an image, decompression bombs) are
-    skipped, printed once each and returned. Each image gets the test-time view
-    (:class:`Preprocess`), as in evaluation.
-
-    Output: ``.npy`` holds float32 (N, D) with ``<out>.files.txt`` naming row i's file on line i;
-    ``.parquet`` has columns ``path`` (string) and ``embedding`` (list<float32>).
-
-    Args:
-        checkpoint_path: a training checkpoint, run folder or safetensors export.
-        inputs: image files and folders.
-        out_path: ends with ``.npy`` or ``.parquet``.
-        batch_size: images per forward pass.
-        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-        quiet: no progress bar (skipped files are still listed on stderr).
-
-    Returns:
-        ``{"count": N, "skipped": [{"path", "reason"}, ...], "dim": D, "out": path, "files":
-        sidecar path or None}``.
-
-    Raises:
-        ConfigError: a bad output name, batch size, device or input path; no image files; no
-            file that decodes; pyarrow missing for parquet.
-        CheckpointError: the checkpoint is not a simclrkit checkpoint or export.
-    """
-    from tqdm import tqdm
-
-    from simclrkit.data import DEFAULT_MAX_IMAGE_PIXELS, decode_file, to_chw
-
-    out = Path(out_path)
-    if not out.name.endswith((".npy", ".parquet")):
-        raise ConfigError(f"--out: {out} must end with .npy or .parquet")
-    if out.name.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
-        raise ConfigError(
-            "--out: writing .parquet needs pyarrow: pip install pyarrow (or write .npy)"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size: got {batch_size!r}; allowed: an integer >= 1")
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]  # one path, not a sequence of characters
-    from simclrkit.train import select_device
-
-    target = select_device(device, key="--device")
-    paths = _expand_inputs(inputs)
-    if not paths:
-        raise ConfigError(f"inputs: no image files found in {', '.join(map(str, inputs))}")
-    encoder = load_encoder(checkpoint_path, device=target)
-    # Preprocess on the CPU, next to the decoder; one transfer per batch.
-    preprocess = Preprocess(encoder.preprocess.image_size, encoder.preprocess.in_channels)
-    decode = partial(decode_file, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
-    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    kept: list[str] = []
-    skipped: list[dict[str, str]] = []
-    rows: list[torch.Tensor] = []
-    workers = min(8, os.cpu_count() or 1)
-    show_bar = not quiet and sys.stderr.isatty()
-    with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(paths), unit="image", disable=not show_bar) as bar,
-        torch.inference_mode(),
-    ):
-        pending = pool.map(decode, batches[0])
-        for index, batch in enumerate(batches):
-            decoded = list(pending)
-            if index + 1 < len(batches):
-                pending = pool.map(decode, batches[index + 1])  # decodes while this batch runs
-            views = []
-            for path, (pixels, reason) in zip(batch, decoded):
-                if pixels is None:
-                    skipped.append({"path": path, "reason": reason})
-                    # Always said, also when quiet: a skipped file is a result, not progress.
-                    tqdm.write(f"simclrkit: skipping {path}: {reason}", file=sys.stderr)
-                    continue
-                views.append(preprocess(to_chw(pixels)))
-                kept.append(path)
-            if views:
-                rows.append(encoder(torch.cat(views).to(target)).float().cpu())
-            bar.update(len(batch))
-    if not rows:
-        raise ConfigError(f"inputs: none of the {len(paths)} image files could be decoded")
-    h = torch.cat(rows).numpy()
-    sidecar = _write_embeddings(out, kept, h, str(checkpoint_path))
-    return {
-        "count": len(kept),
-        "skipped": skipped,
-        "dim": int(h.shape[1]),
-        "out": str(out),
-        "files": None if sidecar is None else str(sidecar),
-    }

@@ -107,7 +107,7 @@ def _training_step(rank: int, world: int, *, sync_bn: bool, micro_batch_size: in
     """One DDP step of the real training code path on this process's rows."""
     from simclrkit import distributed
     from simclrkit.losses import NTXentLoss
-    from simclrkit.train import contrastive_backward
+    from simclrkit.step import contrastive_backward
 
     network = model()
     plain_keys = list(network.state_dict())

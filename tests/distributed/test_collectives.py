@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import spawned_workers as workers
 from simclrkit import distributed
 from simclrkit.losses import NTXentLoss, nt_xent
-from simclrkit.train import contrastive_backward
+from simclrkit.step import contrastive_backward
 
 WORLD = 2
 ROWS = workers.NUM_IMAGES // WORLD
