@@ -1,6 +1,7 @@
 """Accuracy per CPU-minute on Fashion-MNIST: simclrkit vs lightly's recipe at equal wall-clock.
 
-Both methods pretrain the SAME encoder (ResNet-18, width 0.25, CIFAR stem) on the 60,000
+Both methods pretrain the SAME encoder (the ``fashion_mnist_cpu`` recipe's: ResNet-18, width 0.5,
+CIFAR stem, 28 px; ``--override model.width=...`` changes it for every method) on the 60,000
 Fashion-MNIST training images (labels unused) for the same wall-clock budget, then a linear
 classifier (multinomial logistic regression on frozen, standardised h, its regularisation
 chosen on a held-out fifth of the labelled set) is scored. Context rows: the same encoder at
@@ -41,7 +42,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "fashion_mnist_cpu"
-WIDTH = 0.25
+
+
+def _encoder_spec(overrides: list[str]) -> tuple[str, float, int]:
+    """(encoder, width, image size) of the recipe with the overrides: every method uses it."""
+    from simclrkit.config import load_config
+
+    config = load_config(RECIPE, overrides)
+    return config.model.encoder, config.model.width, config.data.image_size or 28
 
 
 def _labelled_splits(root: str | None, split: str):
@@ -151,13 +159,14 @@ def _lightly(args, split_data) -> dict:
 
     batch = 256
     torch.manual_seed(0)
-    encoder = build_encoder("resnet18", width=WIDTH, in_channels=3, image_size=28)
+    name, width, size = _encoder_spec(args.override)
+    encoder = build_encoder(name, width=width, in_channels=3, image_size=size)
     head = SimCLRProjectionHead(encoder.feature_dim, encoder.feature_dim, 128)
     params = list(encoder.parameters()) + list(head.parameters())
     lr = 0.06 * batch / 128
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     criterion = NTXentLoss(temperature=0.5)
-    transform = SimCLRTransform(input_size=28, cj_strength=0.5, gaussian_blur=0.0)
+    transform = SimCLRTransform(input_size=size, cj_strength=0.5, gaussian_blur=0.0)
     loader = torch.utils.data.DataLoader(
         FashionPIL(transform), batch_size=batch, shuffle=True, drop_last=True,
         num_workers=args.workers, persistent_workers=args.workers > 0,
@@ -196,7 +205,7 @@ def _lightly(args, split_data) -> dict:
     budget_s = args.budget_minutes * 60
     steps = max(1, int(budget_s * rate / batch * 0.97))
     done, seconds, _ = train(steps, budget_s, scheduled=True)
-    probe = _linear_probe(encoder, _as_rgb(split_data), 28)
+    probe = _linear_probe(encoder, _as_rgb(split_data), size)
     return {
         "top1": probe["top1"], "top5": probe["top5"], "steps": done, "epochs": done * batch / 60_000,
         "train_seconds": seconds, "calibrated_images_per_second": rate,
@@ -221,9 +230,10 @@ def _random_init(args, split_data) -> dict:
     from simclrkit.models import build_encoder
 
     torch.manual_seed(0)
-    encoder = build_encoder("resnet18", width=WIDTH, in_channels=1, image_size=28)
-    recalibrate_batchnorm(encoder, ImageArray(split_data[0], split_data[1]), image_size=28)
-    return _linear_probe(encoder, split_data, 28)
+    name, width, size = _encoder_spec(args.override)
+    encoder = build_encoder(name, width=width, in_channels=1, image_size=size)
+    recalibrate_batchnorm(encoder, ImageArray(split_data[0], split_data[1]), image_size=size)
+    return _linear_probe(encoder, split_data, size)
 
 
 def _raw_pixels(args, split_data) -> dict:
@@ -260,7 +270,7 @@ def main() -> None:
     report = {
         "split": args.split,
         "budget_minutes": args.budget_minutes,
-        "encoder": f"resnet18 width {WIDTH}, CIFAR stem, 28 px",
+        "encoder": "{} width {}, CIFAR stem, {} px".format(*_encoder_spec(args.override)),
         "results": results,
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
     }
