@@ -10,6 +10,8 @@ figure from another run (a shared 2-core machine drifts by several times between
   logging. Data loading included.
 * ``simclrkit_bf16`` / ``bare_channels_last_bf16``: the same with bf16 autocast
   (``train.precision=bf16``), which CPUs with AVX512-BF16 run about twice as fast.
+* ``simclrkit_compile`` (opt-in, ``--variants ...,simclrkit_compile``): fp32 with
+  ``train.compile=true``; needs a C++ compiler, and the warm-up steps absorb the compilation.
 * ``bare_channels_last`` / ``bare_nchw``: forward + backward of the same SimCLR model and loss
   on fixed tensors already in memory: the ceiling for any training loop.
 * ``lightly``: lightly's documented SimCLR recipe: ``SimCLRTransform`` in DataLoader workers
@@ -59,7 +61,9 @@ def _write_cifar(root: Path, count: int) -> None:
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": images[:100], b"labels": labels[:100]}))
 
 
-def _run_simclrkit(root: Path, batch: int, steps: int, warmup: int, precision: str) -> float:
+def _run_simclrkit(
+    root: Path, batch: int, steps: int, warmup: int, precision: str, compile: bool = False
+) -> float:
     from simclrkit.config import load_config
     from simclrkit.report import read_metrics
     from simclrkit.train import pretrain
@@ -72,6 +76,7 @@ def _run_simclrkit(root: Path, batch: int, steps: int, warmup: int, precision: s
             f"train.max_steps={warmup + steps}", "train.log_every=1", "train.checkpoint_every=100000",
             "optim.lr=0.075", "optim.lr_scaling=sqrt", "optim.warmup_epochs=0", "eval.linear=false",
             "loss.temperature=0.5", f"train.precision={precision}",
+            f"train.compile={str(compile).lower()}",
         ],
     )
     with tempfile.TemporaryDirectory() as run_dir:
@@ -168,6 +173,8 @@ def _child(args: argparse.Namespace) -> None:
     root = Path(args.data)
     if args.variant == "simclrkit":
         rate = _run_simclrkit(root, args.batch, args.steps, args.warmup, "fp32")
+    elif args.variant == "simclrkit_compile":  # the warm-up steps absorb the compilation
+        rate = _run_simclrkit(root, args.batch, args.steps, args.warmup, "fp32", compile=True)
     elif args.variant == "simclrkit_bf16":
         rate = _run_simclrkit(root, args.batch, args.steps, args.warmup, "bf16")
     elif args.variant == "bare_channels_last":
@@ -240,6 +247,7 @@ def main() -> None:
     pairs = [
         ("simclrkit", "lightly"), ("simclrkit", "bare_channels_last"), ("simclrkit", "bare_nchw"),
         ("simclrkit_bf16", "lightly"), ("simclrkit_bf16", "bare_channels_last_bf16"),
+        ("simclrkit_compile", "lightly"), ("simclrkit_compile", "bare_channels_last"),
     ]
     for mine, other in pairs:
         if mine in medians and other in medians:
