@@ -65,6 +65,13 @@ def _jitter_only(batch: int, size: int, order=(0, 1, 2, 3), **factors) -> dict[s
     return params
 
 
+@pytest.fixture(params=["kernel", "tensor ops"])
+def cpu_path(request, monkeypatch):
+    """Runs a rendering test on both CPU paths: the compiled kernels and the tensor ops."""
+    monkeypatch.setattr(render, "_CPU_KERNEL", request.param == "kernel")
+    return request.param
+
+
 # ------------------------------------------------------------------------------------------
 # Counter-based randomness
 # ------------------------------------------------------------------------------------------
@@ -252,6 +259,7 @@ def test_params_independent_of_batch_and_differ_between_views():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_identity_params_reproduce_the_input():
     images = _smooth_images(3, 20)
     out = SimCLRAugment(output_size=20).apply(images, _params(3, 20, 20))
@@ -261,6 +269,7 @@ def test_identity_params_reproduce_the_input():
     _close(SimCLRAugment(output_size=20).apply(floats, _params(3, 20, 20)), floats)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_flip_matches_torch_flip():
     images = _smooth_images(2, 16)
     aug = SimCLRAugment(output_size=16)
@@ -268,6 +277,7 @@ def test_flip_matches_torch_flip():
     _close(flipped, torch.flip(images.float() / 255, dims=[-1]))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_crop_and_resize_match_grid_sample_bicubic():
     images = _smooth_images(6, 48, seed=1)
     aug = SimCLRAugment(output_size=24)
@@ -288,6 +298,7 @@ def test_crop_and_resize_match_grid_sample_bicubic():
     _close(out.double(), expected)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_grayscale_weights_and_channels():
     images = _smooth_images(2, 8)
     out = SimCLRAugment(output_size=8).apply(images, _params(2, 8, 8, grayscale=True))
@@ -297,6 +308,7 @@ def test_grayscale_weights_and_channels():
         _close(out[:, channel].double(), expected)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_brightness_multiplicative_and_additive_with_clipping():
     images = _smooth_images(2, 8)
     x = images.float() / 255
@@ -307,6 +319,7 @@ def test_brightness_multiplicative_and_additive_with_clipping():
     _close(out, (x - 0.3).clamp(0, 1))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_contrast_uses_each_channels_mean():
     images = _smooth_images(2, 8)
     x = images.double() / 255
@@ -315,6 +328,7 @@ def test_contrast_uses_each_channels_mean():
     _close(out.double(), ((x - mean) * 1.7 + mean).clamp(0, 1))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_random_order_is_applied_in_order_with_clipping():
     images = _smooth_images(1, 8)
     x = images.double() / 255
@@ -341,6 +355,7 @@ def _colorsys_map(images: torch.Tensor, function) -> torch.Tensor:
     return out
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_hue_and_saturation_match_colorsys():
     generator = torch.Generator().manual_seed(3)
     x = torch.rand(4, 3, 6, 6, generator=generator)
@@ -367,6 +382,7 @@ def test_hue_and_saturation_match_colorsys():
     _close(aug.apply(x, saturation_params).double(), _colorsys_map(x, saturate))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_hue_special_shifts():
     images = _smooth_images(2, 8)
     x = images.float() / 255
@@ -379,6 +395,7 @@ def test_hue_special_shifts():
     _close(green, torch.roll(red, 1, dims=1))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_saturation_zero_gives_equal_channels_at_the_max():
     images = _smooth_images(2, 8)
     out = SimCLRAugment(output_size=8).apply(images, _jitter_only(2, 8, saturation=0.0))
@@ -405,6 +422,7 @@ def _naive_blur(image: np.ndarray, sigma: float, radius: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_blur_matches_naive_gaussian_with_zero_padding():
     images = _smooth_images(3, 40, seed=2)
     aug = SimCLRAugment(output_size=40)
@@ -418,6 +436,7 @@ def test_blur_matches_naive_gaussian_with_zero_padding():
     np.testing.assert_allclose(out[2], _naive_blur(x[2], 0.4, radius), atol=1e-6)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_blur_keeps_a_constant_interior_and_darkens_the_border():
     constant = torch.full((1, 3, 64, 64), 0.6)
     params = _params(1, 64, 64, blur=True)
@@ -431,6 +450,7 @@ def test_blur_keeps_a_constant_interior_and_darkens_the_border():
     assert abs(out[0, 0, 0, 0].item() - corner) < 1e-6
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_blur_size_rule():
     images = _smooth_images(1, 19)
     params = _params(1, 19, 19, blur=True)
@@ -447,6 +467,7 @@ def test_blur_size_rule():
 
 
 @pytest.mark.parametrize("preset", [imagenet_augment(48), cifar_augment(16)])
+@pytest.mark.usefixtures("cpu_path")
 def test_per_sample_path_equals_batched_path(preset):
     images = _smooth_images(9, 56, seed=4)
     indices = torch.arange(100, 109)
@@ -459,6 +480,7 @@ def test_per_sample_path_equals_batched_path(preset):
 
 def test_chunked_rendering_equals_one_chunk(monkeypatch):
     images = _smooth_images(7, 40, seed=5)
+    monkeypatch.setattr(render, "_CPU_KERNEL", False)  # the tensor ops' chunking
     aug = imagenet_augment(32)
     whole = aug.views(images, 1, 0, torch.arange(7))
     monkeypatch.setattr(render, "_CPU_CHUNK_BYTES", 1)  # one sample per chunk
@@ -470,6 +492,7 @@ def test_chunked_rendering_equals_one_chunk(monkeypatch):
 def test_gather_scatter_colour_path_equals_slice_path(monkeypatch):
     # The path used on accelerators when a selection is fragmented, forced on the CPU.
     images = _smooth_images(12, 40, seed=6)
+    monkeypatch.setattr(render, "_CPU_KERNEL", False)  # the tensor ops' colour selection
     aug = imagenet_augment(32)
     sliced = aug.views(images, 2, 0, torch.arange(12))
     monkeypatch.setattr(render, "_prefers_slices", lambda device, runs: False)
@@ -478,6 +501,7 @@ def test_gather_scatter_colour_path_equals_slice_path(monkeypatch):
         _close(a, b)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_outputs_shape_range_dtype_and_reproducibility():
     images = _smooth_images(5, 50)
     aug = imagenet_augment(40)
@@ -493,6 +517,7 @@ def test_outputs_shape_range_dtype_and_reproducibility():
     assert not torch.equal(first[0], first[1])
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_apply_writes_into_out_buffer():
     images = _smooth_images(5, 40)
     aug = imagenet_augment(32)
@@ -505,6 +530,7 @@ def test_apply_writes_into_out_buffer():
         aug.apply(images, params, out=torch.empty(5, 3, 32, 31))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_float_input_matches_uint8_input():
     images = _smooth_images(4, 30)
     aug = imagenet_augment(24)
@@ -514,6 +540,7 @@ def test_float_input_matches_uint8_input():
     _close(aug.apply(images.float() / 255, params), aug.apply(images, params), atol=1e-5)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_single_channel_images():
     gray = _smooth_images(4, 30, channels=1)
     aug = SimCLRAugment(output_size=24, grayscale_prob=0.0)
@@ -529,6 +556,7 @@ def test_single_channel_images():
     assert view1.shape == (1, 24, 24) and view2.shape == (1, 24, 24)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_per_sample_path_any_size_and_normalisation():
     aug = SimCLRAugment(output_size=16, normalize=((0.5, 0.4, 0.3), (0.2, 0.25, 0.5)))
     image = _smooth_images(1, 37)[0, :, :, :29]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simclrkit import cpurender
+
 Params = dict[str, torch.Tensor]
 
 # Colour ops, numbered as in the reference color_jitter_rand.
@@ -26,6 +28,7 @@ _PARAM_NAMES = (
 )  # fmt: skip
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
 _CPU_CHUNK_BYTES = 8 << 20
+_CPU_KERNEL = True  # CPU batches: compiled kernels (cpurender) rather than the tensor ops
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +128,24 @@ def _cubic_taps(
     return index, weight
 
 
+def _crop_taps(
+    params: dict[str, np.ndarray], height: int, width: int, size: int, uint8: bool
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Bicubic (index, weight) taps of each sample's rows and columns, (n, S, 4) each.
+
+    The flip is folded into the column taps (a flipped view reads its columns in reverse
+    order) and the uint8 -> [0, 1] scaling into the row weights.
+    """
+    row_index, row_weight = _cubic_taps(params["top"], params["height"], height, size)
+    col_index, col_weight = _cubic_taps(params["left"], params["width"], width, size)
+    flip = params["flip"][:, None, None]
+    col_index = np.where(flip, col_index[:, ::-1], col_index)
+    col_weight = np.where(flip, col_weight[:, ::-1], col_weight)
+    if uint8:
+        row_weight = row_weight / 255.0
+    return (row_index, row_weight), (col_index, col_weight)
+
+
 def _resize(
     images: torch.Tensor,
     params: dict[str, np.ndarray],
@@ -147,13 +168,9 @@ def _resize(
         (n * C * S, S) table of rows (sorted sample, channel, x) over y, clipped to [0, 1].
     """
     n, channels, height, width = images.shape
-    row_index, row_weight = _cubic_taps(params["top"], params["height"], height, size)
-    col_index, col_weight = _cubic_taps(params["left"], params["width"], width, size)
-    flip = params["flip"][:, None, None]  # a flipped view reads its columns in reverse order
-    col_index = np.where(flip, col_index[:, ::-1], col_index)
-    col_weight = np.where(flip, col_weight[:, ::-1], col_weight)
-    if images.dtype == torch.uint8:
-        row_weight = row_weight / 255.0
+    (row_index, row_weight), (col_index, col_weight) = _crop_taps(
+        params, height, width, size, images.dtype == torch.uint8
+    )
     padded = _padded_width(width)
     if images.dtype == torch.float32 and padded == width:
         source = images.reshape(n * channels * height, width)
@@ -321,16 +338,21 @@ def _blur_radius(size: int) -> int:
     return (size // 10) // 2
 
 
+def _gaussian_kernels(sigma: np.ndarray, radius: int) -> np.ndarray:
+    """(m, 2r + 1) normalised Gaussian kernels of the reference gaussian_blur, one per sigma."""
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-(offsets**2) / (2 * sigma[:, None] ** 2))
+    return kernel / kernel.sum(axis=1, keepdims=True)
+
+
 def _blur_taps(sigma: np.ndarray, size: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Taps of the reference gaussian_blur: (m, S, 2r + 1) row offsets and weights.
 
     Zero padding as TF's padding='SAME': a tap outside the image gets weight 0 (its offset is
     clamped only to stay a valid row).
     """
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-(offsets.astype(np.float64) ** 2) / (2 * sigma[:, None] ** 2))
-    kernel /= kernel.sum(axis=1, keepdims=True)
-    source = np.arange(size)[:, None] + offsets[None, :]
+    kernel = _gaussian_kernels(sigma, radius)
+    source = np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None, :]
     inside = (source >= 0) & (source < size)
     index = np.repeat(np.clip(source, 0, size - 1)[None], sigma.shape[0], axis=0)
     return index, kernel[:, None, :] * inside
@@ -403,7 +425,12 @@ def _apply(
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Shared body of SimCLRAugment.apply and EvalAugment.apply."""
+    """Shared body of SimCLRAugment.apply and EvalAugment.apply.
+
+    CPU batches go to the compiled kernels of :mod:`simclrkit.cpurender` (unless
+    ``_CPU_KERNEL`` is off: then the tensor ops below run on the CPU too, as tests do to check
+    one path against the other); other devices run the tensor ops.
+    """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError("images must be a (B, C, H, W) tensor")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -432,6 +459,19 @@ def _apply(
         raise ValueError(f"out must be a contiguous float32 {shape} tensor on {images.device}")
     if batch == 0:
         return out if out is not None else torch.empty(shape, device=images.device)
+    if images.device.type == "cpu" and _CPU_KERNEL:
+        crop_taps = _crop_taps(host, height, width, output_size, images.dtype == torch.uint8)
+        return cpurender.render(
+            images,
+            host,
+            row_taps=crop_taps[0],
+            col_taps=crop_taps[1],
+            hue_target=_hue_targets(host["hue"]),
+            blur_kernel=_gaussian_kernels(host["sigma"], _blur_radius(output_size)),
+            additive_brightness=additive_brightness,
+            normalize=normalize,
+            out=out if out is not None else torch.empty(shape),
+        )
     if images.device.type == "cpu":
         # Chunks of a few MB: the working set stays in cache and the buffers are reused.
         chunk = max(1, _CPU_CHUNK_BYTES // (4 * channels * output_size * output_size))
