@@ -45,19 +45,20 @@ How this differs from the reference (google-research/simclr, ``data_util.py``), 
 * Grayscale inputs (C == 1): brightness and contrast apply; saturation, hue and grayscale are
   no-ops (a one-channel image has no hue and is already gray).
 
-Speed (benchmarks/augment.py): both resampling and blur are separable, and each 1-D pass is a
-weighted gather of whole rows, which ``F.embedding_bag(mode="sum", per_sample_weights=...)``
-computes in one fused kernel on CPU and GPU. All work is at the output size, in float32, in
-place where possible and, on CPU, in chunks of a few megabytes that stay in cache. The
-per-sample bookkeeping (parameters, taps, sort order) is small numpy arithmetic, so nothing
-waits on the device. On CPU, page faults from fresh memory are a large share of the time:
-``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting) and ``apply(..., out=buffer)`` both help. The
-path runs a few hundred small ops per chunk: on a CPU shared with other jobs, intra-op threads
-that wait for a busy core slow it down many times, so prefer ``torch.set_num_threads(1)`` per
-process there (DataLoader workers do this already).
+Speed (benchmarks/augment.py): on the CPU, compiled kernels (``cpurender.py``, numba) render
+each image in one pass that stays in the core's cache, from the crop to the normalised output,
+in parallel over the images of a batch (the result does not depend on the thread count). On
+accelerators, the batched tensor ops of ``render.py`` run instead: both resampling and blur are
+separable, and each 1-D pass is a weighted gather of whole rows, which
+``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes in one fused kernel. The
+per-sample bookkeeping (parameters, taps) is small numpy arithmetic, so nothing waits on the
+device. On CPU, page faults from fresh output memory are a large share of the time at 224 px:
+``apply(..., out=buffer)`` avoids them, and ``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting)
+makes them cheaper.
 
 This module draws the parameters of each view and holds the public transforms; the image work
-that renders a view from its parameters (crop and resize, colour, blur) is in ``render.py``.
+that renders a view from its parameters (crop and resize, colour, blur) is in ``render.py``
+and, for CPU batches, ``cpurender.py``.
 """
 
 from __future__ import annotations
