@@ -1,5 +1,9 @@
 """The command line: subcommands reach the library and user errors exit 2 without a traceback."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +63,24 @@ def test_export_refuses_an_impossible_torchvision_export(run_dir, tmp_path, caps
 def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
     code = main(["export", str(tmp_path / "nope.pt"), "--format", "onnx", "--out", str(tmp_path / "a")])
     assert code == 2 and "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_the_command_enables_huge_pages_for_torch_unless_told_otherwise(preset, expected):
+    # PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation: the command sets it before
+    # anything imports torch (importing the CLI must not), and a value the user set wins.
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    script = (
+        "import os, sys\n"
+        "sys.argv = ['simclrkit', 'recipes']\n"
+        "from simclrkit import cli\n"
+        "early = 'torch' in sys.modules\n"
+        "try:\n    cli.entry()\nexcept SystemExit:\n    pass\n"
+        "print('torch imported:', early, os.environ['THP_MEM_ALLOC_ENABLE'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == f"torch imported: False {expected}"
