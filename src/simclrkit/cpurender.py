@@ -32,12 +32,24 @@ _TINY = np.float32(np.finfo(np.float32).tiny)  # as torch.finfo(float32).tiny in
 _GRAY_R, _GRAY_G, _GRAY_B = (np.float32(w) for w in (0.2989, 0.5870, 0.1140))
 
 
-@njit(nogil=True, cache=True, inline="always")
+def _compiled(**options):
+    """numba's njit, GIL released, cached on disk when some cache folder is writable."""
+
+    def decorate(function):
+        try:
+            return njit(nogil=True, cache=True, **options)(function)
+        except RuntimeError:  # numba found no writable cache folder: compile in each process
+            return njit(nogil=True, **options)(function)
+
+    return decorate
+
+
+@_compiled(inline="always")
 def _clip(value):
     return min(max(value, np.float32(0.0)), np.float32(1.0))
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _resize(src, row_index, row_weight, col_index, col_weight, plane, along_y, image):
     """Crop + flip + bicubic resize of one plane: rows first (vectorised over x), then columns.
 
@@ -66,7 +78,7 @@ def _resize(src, row_index, row_weight, col_index, col_weight, plane, along_y, i
             image[plane, y, x] = _clip(total)
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _brightness(image, value, additive):
     # SimCLRv2 multiplies by a factor; SimCLRv1 (tf.image.random_brightness) adds a delta.
     channels, size = image.shape[0], image.shape[1]
@@ -78,7 +90,7 @@ def _brightness(image, value, additive):
 
 
 # reassoc: lets LLVM vectorise the sum (a strict left-to-right float sum is latency-bound).
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
+@_compiled(fastmath={"reassoc"})
 def _contrast(image, factor):
     # tf.image.adjust_contrast: (x - mean) * factor + mean with the mean of EACH channel.
     channels, size = image.shape[0], image.shape[1]
@@ -94,7 +106,7 @@ def _contrast(image, factor):
                 image[c, y, x] = _clip(image[c, y, x] * factor + shift)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@_compiled(inline="always")
 def _lerp(start, end, weight):
     # torch.lerp's formula: exact at weight 1 (returns ``end``).
     if weight < np.float32(0.5):
@@ -102,7 +114,7 @@ def _lerp(start, end, weight):
     return end - (end - start) * (np.float32(1.0) - weight)
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _saturation(image, factor):
     # tf.image.adjust_saturation in closed form (see render._saturation): c' = lerp(max, c, k),
     # k = min(factor, max / (max - min)).
@@ -118,7 +130,7 @@ def _saturation(image, factor):
             image[2, y, x] = _clip(_lerp(high, b, k))
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _hue(image, target):
     # tf.image.adjust_hue in closed form (see render._hue): h6 in sextants, red winning ties,
     # then each channel min + (max - min) * clamp(||h6 - target| - 3| - 1, 0, 1).
@@ -142,7 +154,7 @@ def _hue(image, target):
             image[2, y, x] = _clip(low + _clip(abs(abs(h6 - t2) - 3) - 1) * spread)
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _grayscale(image):
     # tf.image.rgb_to_grayscale, replicated to 3 channels (reference to_grayscale).
     size = image.shape[1]
@@ -155,7 +167,7 @@ def _grayscale(image):
             image[2, y, x] = gray
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _blur(image, plane, kernel, along_x):
     """Separable Gaussian blur of one plane, zero padding ('SAME'), along x then along y."""
     size = image.shape[1]
@@ -181,7 +193,7 @@ def _blur(image, plane, kernel, along_x):
             image[plane, y, x] = _clip(image[plane, y, x])
 
 
-@njit(nogil=True, cache=True)
+@_compiled()
 def _render_range(
     start, stop, src, row_index, row_weight, col_index, col_weight, jitter, order,
     brightness, additive, contrast, saturation, hue_target, grayscale, blur, kernel,
