@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # A run that takes seconds on a 2-core CPU: MNIST-5k at 16 px, an eighth-width ResNet-18.
 TINY = [
@@ -77,3 +78,12 @@ def assert_states_equal(a: dict, b: dict, path: str = "") -> None:
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
+
+
+def smooth_images(batch: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """(B, C, size, size) uint8 images with structure at several scales."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, channels, 6, 6, generator=generator)
+    image = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    image = image + 0.15 * torch.rand(batch, channels, size, size, generator=generator)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)

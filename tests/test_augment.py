@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import smooth_images
 from simclrkit import augment, render
 from simclrkit.augment import (
     NUM_SLOTS,
@@ -37,15 +38,6 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-6) -> 
 
 def _binomial_ok(count: int, total: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(count - total * p) <= sigmas * math.sqrt(total * p * (1 - p))
-
-
-def _smooth_images(batch: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
-    """(B, C, size, size) uint8 images with structure at several scales."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, channels, 6, 6, generator=generator)
-    image = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    image = image + 0.15 * torch.rand(batch, channels, size, size, generator=generator)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _params(batch: int, image_height: int, image_width: int, **overrides) -> augment.Params:
@@ -261,7 +253,7 @@ def test_params_independent_of_batch_and_differ_between_views():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_identity_params_reproduce_the_input():
-    images = _smooth_images(3, 20)
+    images = smooth_images(3, 20)
     out = SimCLRAugment(output_size=20).apply(images, _params(3, 20, 20))
     assert out.dtype == torch.float32 and out.shape == (3, 3, 20, 20)
     _close(out, images.float() / 255)
@@ -271,7 +263,7 @@ def test_identity_params_reproduce_the_input():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_flip_matches_torch_flip():
-    images = _smooth_images(2, 16)
+    images = smooth_images(2, 16)
     aug = SimCLRAugment(output_size=16)
     flipped = aug.apply(images, _params(2, 16, 16, flip=True))
     _close(flipped, torch.flip(images.float() / 255, dims=[-1]))
@@ -279,7 +271,7 @@ def test_flip_matches_torch_flip():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_crop_and_resize_match_grid_sample_bicubic():
-    images = _smooth_images(6, 48, seed=1)
+    images = smooth_images(6, 48, seed=1)
     aug = SimCLRAugment(output_size=24)
     params = aug.sample_params(4, 0, torch.arange(6), 0, 48, 48)
     geometry = {k: params[k] for k in ("top", "left", "height", "width", "flip")}
@@ -300,7 +292,7 @@ def test_crop_and_resize_match_grid_sample_bicubic():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_grayscale_weights_and_channels():
-    images = _smooth_images(2, 8)
+    images = smooth_images(2, 8)
     out = SimCLRAugment(output_size=8).apply(images, _params(2, 8, 8, grayscale=True))
     x = images.double() / 255
     expected = 0.2989 * x[:, 0] + 0.5870 * x[:, 1] + 0.1140 * x[:, 2]
@@ -310,7 +302,7 @@ def test_grayscale_weights_and_channels():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_brightness_multiplicative_and_additive_with_clipping():
-    images = _smooth_images(2, 8)
+    images = smooth_images(2, 8)
     x = images.float() / 255
     out = SimCLRAugment(output_size=8).apply(images, _jitter_only(2, 8, brightness=1.5))
     _close(out, (x * 1.5).clamp(0, 1))
@@ -321,7 +313,7 @@ def test_brightness_multiplicative_and_additive_with_clipping():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_contrast_uses_each_channels_mean():
-    images = _smooth_images(2, 8)
+    images = smooth_images(2, 8)
     x = images.double() / 255
     out = SimCLRAugment(output_size=8).apply(images, _jitter_only(2, 8, contrast=1.7))
     mean = x.mean(dim=(2, 3), keepdim=True)
@@ -330,7 +322,7 @@ def test_contrast_uses_each_channels_mean():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_random_order_is_applied_in_order_with_clipping():
-    images = _smooth_images(1, 8)
+    images = smooth_images(1, 8)
     x = images.double() / 255
     aug = SimCLRAugment(output_size=8)
 
@@ -384,7 +376,7 @@ def test_hue_and_saturation_match_colorsys():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_hue_special_shifts():
-    images = _smooth_images(2, 8)
+    images = smooth_images(2, 8)
     x = images.float() / 255
     aug = SimCLRAugment(output_size=8)
     for shift in (0.0, 1.0, -1.0):
@@ -397,7 +389,7 @@ def test_hue_special_shifts():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_saturation_zero_gives_equal_channels_at_the_max():
-    images = _smooth_images(2, 8)
+    images = smooth_images(2, 8)
     out = SimCLRAugment(output_size=8).apply(images, _jitter_only(2, 8, saturation=0.0))
     expected = (images.float() / 255).amax(dim=1)  # TF: S = 0 keeps V = max
     for channel in range(3):
@@ -424,7 +416,7 @@ def _naive_blur(image: np.ndarray, sigma: float, radius: int) -> np.ndarray:
 
 @pytest.mark.usefixtures("cpu_path")
 def test_blur_matches_naive_gaussian_with_zero_padding():
-    images = _smooth_images(3, 40, seed=2)
+    images = smooth_images(3, 40, seed=2)
     aug = SimCLRAugment(output_size=40)
     params = _params(3, 40, 40, blur=torch.tensor([True, False, True]))
     params["sigma"] = torch.tensor([1.3, 1.0, 0.4], dtype=torch.float64)
@@ -452,11 +444,11 @@ def test_blur_keeps_a_constant_interior_and_darkens_the_border():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_blur_size_rule():
-    images = _smooth_images(1, 19)
+    images = smooth_images(1, 19)
     params = _params(1, 19, 19, blur=True)
     # 19 // 10 = 1, radius int(1 / 2) = 0: a one-tap kernel, the blur is a no-op below 20 px.
     _close(SimCLRAugment(output_size=19).apply(images, params), images.float() / 255)
-    images = _smooth_images(1, 32)
+    images = smooth_images(1, 32)
     blurred = SimCLRAugment(output_size=32).apply(images, _params(1, 32, 32, blur=True))
     assert (blurred - images.float() / 255).abs().max() > 1e-3  # 3 taps at 32 px
 
@@ -469,7 +461,7 @@ def test_blur_size_rule():
 @pytest.mark.parametrize("preset", [imagenet_augment(48), cifar_augment(16)])
 @pytest.mark.usefixtures("cpu_path")
 def test_per_sample_path_equals_batched_path(preset):
-    images = _smooth_images(9, 56, seed=4)
+    images = smooth_images(9, 56, seed=4)
     indices = torch.arange(100, 109)
     view1, view2 = preset.views(images, 7, 3, indices)
     for b in range(9):
@@ -479,7 +471,7 @@ def test_per_sample_path_equals_batched_path(preset):
 
 
 def test_chunked_rendering_equals_one_chunk(monkeypatch):
-    images = _smooth_images(7, 40, seed=5)
+    images = smooth_images(7, 40, seed=5)
     monkeypatch.setattr(render, "_CPU_KERNEL", False)  # the tensor ops' chunking
     aug = imagenet_augment(32)
     whole = aug.views(images, 1, 0, torch.arange(7))
@@ -491,7 +483,7 @@ def test_chunked_rendering_equals_one_chunk(monkeypatch):
 
 def test_gather_scatter_colour_path_equals_slice_path(monkeypatch):
     # The path used on accelerators when a selection is fragmented, forced on the CPU.
-    images = _smooth_images(12, 40, seed=6)
+    images = smooth_images(12, 40, seed=6)
     monkeypatch.setattr(render, "_CPU_KERNEL", False)  # the tensor ops' colour selection
     aug = imagenet_augment(32)
     sliced = aug.views(images, 2, 0, torch.arange(12))
@@ -503,7 +495,7 @@ def test_gather_scatter_colour_path_equals_slice_path(monkeypatch):
 
 @pytest.mark.usefixtures("cpu_path")
 def test_outputs_shape_range_dtype_and_reproducibility():
-    images = _smooth_images(5, 50)
+    images = smooth_images(5, 50)
     aug = imagenet_augment(40)
     first = aug.views(images, 0, 0, torch.arange(5), num_views=3)
     assert len(first) == 3
@@ -519,7 +511,7 @@ def test_outputs_shape_range_dtype_and_reproducibility():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_apply_writes_into_out_buffer():
-    images = _smooth_images(5, 40)
+    images = smooth_images(5, 40)
     aug = imagenet_augment(32)
     params = aug.sample_params(0, 0, torch.arange(5), 0, 40, 40)
     buffer = torch.full((5, 3, 32, 32), -1.0)
@@ -532,7 +524,7 @@ def test_apply_writes_into_out_buffer():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_float_input_matches_uint8_input():
-    images = _smooth_images(4, 30)
+    images = smooth_images(4, 30)
     aug = imagenet_augment(24)
     params = aug.sample_params(0, 0, torch.arange(4), 0, 30, 30)
     # uint8 folds the 1/255 into the resampling weights: rounding differs by an ulp or two,
@@ -542,7 +534,7 @@ def test_float_input_matches_uint8_input():
 
 @pytest.mark.usefixtures("cpu_path")
 def test_single_channel_images():
-    gray = _smooth_images(4, 30, channels=1)
+    gray = smooth_images(4, 30, channels=1)
     aug = SimCLRAugment(output_size=24, grayscale_prob=0.0)
     params = aug.sample_params(0, 0, torch.arange(4), 0, 30, 30)
     params["jitter"][:] = True
@@ -559,7 +551,7 @@ def test_single_channel_images():
 @pytest.mark.usefixtures("cpu_path")
 def test_per_sample_path_any_size_and_normalisation():
     aug = SimCLRAugment(output_size=16, normalize=((0.5, 0.4, 0.3), (0.2, 0.25, 0.5)))
-    image = _smooth_images(1, 37)[0, :, :, :29]
+    image = smooth_images(1, 37)[0, :, :, :29]
     plain = SimCLRAugment(output_size=16)
     normalised, _ = aug(image, 0, 0, 3)
     raw, _ = plain(image, 0, 0, 3)
@@ -570,7 +562,7 @@ def test_per_sample_path_any_size_and_normalisation():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
-    images = _smooth_images(6, 64)
+    images = smooth_images(6, 64)
     aug = imagenet_augment(48)
     params = aug.sample_params(0, 0, torch.arange(6), 0, 64, 64)
     cpu = aug.apply(images, params)
@@ -585,13 +577,13 @@ def test_cuda_matches_cpu():
 
 
 def test_eval_test_centre_crop_is_exact_at_matching_size():
-    images = _smooth_images(2, 64)
+    images = smooth_images(2, 64)
     out = apply_eval(images, 56, train=False)  # rint(0.875 * 64) = 56, offset (64-56+1)//2 = 4
     _close(out, images[:, :, 4:60, 4:60].float() / 255)
 
 
 def test_eval_no_crop_at_cifar_size_and_reference_box_for_non_square():
-    images = _smooth_images(2, 32)
+    images = smooth_images(2, 32)
     _close(apply_eval(images, 32, train=False), images.float() / 255)
     params = EvalAugment(output_size=48).sample_params(False, 100, 60, indices=[0])
     # Side rint(0.875 * 60) = 52 (half to even), offsets ((100-52)+1)//2 and ((60-52)+1)//2.
@@ -601,7 +593,7 @@ def test_eval_no_crop_at_cifar_size_and_reference_box_for_non_square():
 
 
 def test_eval_train_is_crop_and_flip_only():
-    images = _smooth_images(6, 40)
+    images = smooth_images(6, 40)
     out = apply_eval(images, 32, train=True, seed=3, epoch=1, indices=torch.arange(6))
     reference = SimCLRAugment(output_size=32, color_jitter_prob=0, grayscale_prob=0, blur_prob=0)
     expected = reference.views(images, 3, 1, torch.arange(6), num_views=1)[0]
@@ -649,7 +641,7 @@ def test_invalid_arguments_name_the_field(kwargs, name):
 
 def test_apply_rejects_bad_inputs():
     aug = SimCLRAugment(output_size=8)
-    images = _smooth_images(2, 16)
+    images = smooth_images(2, 16)
     with pytest.raises(ValueError, match="inside"):
         aug.apply(images, _params(2, 17, 16))
     with pytest.raises(ValueError, match="channels"):

@@ -11,18 +11,10 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import smooth_images
 from simclrkit import render
 from simclrkit.augment import SimCLRAugment, cifar_augment, imagenet_augment
-
-
-def _images(batch: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, channels, 5, 5, generator=generator)
-    image = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    image = image + 0.2 * torch.rand(batch, channels, size, size, generator=generator)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _views(aug, images: torch.Tensor, kernel: bool, monkeypatch) -> list[torch.Tensor]:
@@ -31,18 +23,18 @@ def _views(aug, images: torch.Tensor, kernel: bool, monkeypatch) -> list[torch.T
 
 
 CASES = {
-    "imagenet 64 px, blur": (imagenet_augment(64), _images(24, 80)),
+    "imagenet 64 px, blur": (imagenet_augment(64), smooth_images(24, 80)),
     "normalised": (
         imagenet_augment(40, normalize=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
-        _images(16, 48, seed=1),
+        smooth_images(16, 48, seed=1),
     ),
-    "cifar 32 px": (cifar_augment(32), _images(32, 32, seed=2)),
-    "one channel": (SimCLRAugment(output_size=28, grayscale_prob=0.0), _images(32, 28, 1, 3)),
+    "cifar 32 px": (cifar_augment(32), smooth_images(32, 32, seed=2)),
+    "one channel": (SimCLRAugment(output_size=28, grayscale_prob=0.0), smooth_images(32, 28, 1, 3)),
     "additive brightness": (
         SimCLRAugment(output_size=24, brightness="additive", blur_prob=1.0),
-        _images(16, 30, seed=4),
+        smooth_images(16, 30, seed=4),
     ),
-    "float input": (imagenet_augment(32), _images(16, 44, seed=5).float() / 255),
+    "float input": (imagenet_augment(32), smooth_images(16, 44, seed=5).float() / 255),
 }
 
 
