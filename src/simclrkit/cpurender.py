@@ -234,11 +234,12 @@ class _Scratch(threading.local):
     """Per-thread working planes, grown on demand: fresh memory costs page faults."""
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
         array = getattr(self, name, None)
-        if array is None or array.size < int(np.prod(shape)):
-            array = np.empty(shape, dtype=np.float32)
+        if array is None or array.size < size:
+            array = np.empty(size, dtype=np.float32)
             setattr(self, name, array)
-        return array.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+        return array[:size].reshape(shape)
 
 
 _scratch = _Scratch()

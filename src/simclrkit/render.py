@@ -4,9 +4,9 @@
 their order, grayscale, blur sigma) and calls :func:`_apply`, which crops and resizes, applies
 the colour ops, grayscale and blur, and restores the layout, in batched tensor ops on the
 images' device; CPU batches go instead to the compiled kernels of :mod:`simclrkit.cpurender`,
-which compute the same maths one cache-resident image at a time. Nothing here draws a random number. What each op computes and how it departs
-from the reference is in ``augment.py``'s docstring; the memory layout is in the note at the
-top of the rendering section below.
+which compute the same maths one cache-resident image at a time. Nothing here draws a random
+number. What each op computes and how it departs from the reference is in ``augment.py``'s
+docstring; the memory layout is in the note at the top of the rendering section below.
 """
 
 from __future__ import annotations
