@@ -37,6 +37,20 @@ def test_overrides_parse_yaml_scalars_and_merge_into_recipe():
     assert cfg.model.width == 0.25 and cfg.recipe == "mnist5k"
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as the string '1e-4'; a float setting must still take it,
+    # on the command line and in a file, and an integer setting must still refuse it.
+    cfg = C.load_config("mnist5k", ["optim.weight_decay=1e-4", "optim.lr=+3E-1"])
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.lr == 0.3
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  weight_decay: 5e-5\n")
+    assert C.load_config(str(path)).optim.weight_decay == 5e-5
+    with pytest.raises(C.ConfigError, match="train.batch_size"):
+        C.load_config("mnist5k", ["train.batch_size=1e2"])
+    with pytest.raises(C.ConfigError, match="optim.lr"):
+        C.load_config("mnist5k", ["optim.lr=1e"])
+
+
 def test_round_trip_through_dict():
     cfg = C.load_config("mnist5k", ["seed=7"])
     assert C.from_dict(C.to_dict(cfg)) == cfg

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -305,12 +306,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 (PyYAML) reads exponents without a dot, such as 1e-4, as strings.
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)
     elif annotation is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a field type this module does not know is a bug here
         raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
     raise ConfigError(f"{key}: got {value!r}; allowed: {_describe(annotation)}")
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _describe(annotation: Any) -> str:
