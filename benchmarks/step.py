@@ -10,6 +10,8 @@ figure from another run (a shared 2-core machine drifts by several times between
   logging. Data loading included.
 * ``simclrkit_bf16`` / ``bare_channels_last_bf16``: the same with bf16 autocast
   (``train.precision=bf16``), which CPUs with AVX512-BF16 run about twice as fast.
+* ``simclrkit_bf16_no_prefetch`` (opt-in): bf16 with ``data.prefetch=false``: the next
+  batch is made after the step instead of during it.
 * ``simclrkit_compile`` (opt-in, ``--variants ...,simclrkit_compile``): fp32 with
   ``train.compile=true``; needs a C++ compiler, and the warm-up steps absorb the compilation.
 * ``bare_channels_last`` / ``bare_nchw``: forward + backward of the same SimCLR model and loss
@@ -68,7 +70,8 @@ def _write_cifar(root: Path, count: int) -> None:
 
 
 def _run_simclrkit(
-    root: Path, batch: int, steps: int, warmup: int, precision: str, compile: bool = False
+    root: Path, batch: int, steps: int, warmup: int, precision: str, compile: bool = False,
+    prefetch: bool = True,
 ) -> float:
     from simclrkit.config import load_config
     from simclrkit.report import read_metrics
@@ -82,7 +85,7 @@ def _run_simclrkit(
             f"train.max_steps={warmup + steps}", "train.log_every=1", "train.checkpoint_every=100000",
             "optim.lr=0.075", "optim.lr_scaling=sqrt", "optim.warmup_epochs=0", "eval.linear=false",
             "loss.temperature=0.5", f"train.precision={precision}",
-            f"train.compile={str(compile).lower()}",
+            f"train.compile={str(compile).lower()}", f"data.prefetch={str(prefetch).lower()}",
         ],
     )
     with tempfile.TemporaryDirectory() as run_dir:
@@ -183,6 +186,8 @@ def _child(args: argparse.Namespace) -> None:
         rate = _run_simclrkit(root, args.batch, args.steps, args.warmup, "fp32", compile=True)
     elif args.variant == "simclrkit_bf16":
         rate = _run_simclrkit(root, args.batch, args.steps, args.warmup, "bf16")
+    elif args.variant == "simclrkit_bf16_no_prefetch":
+        rate = _run_simclrkit(root, args.batch, args.steps, args.warmup, "bf16", prefetch=False)
     elif args.variant == "bare_channels_last":
         rate = _run_bare(args.batch, args.steps, args.warmup, channels_last=True)
     elif args.variant == "bare_channels_last_bf16":
@@ -258,6 +263,7 @@ def main() -> None:
     pairs = [
         ("simclrkit", "lightly"), ("simclrkit", "bare_channels_last"), ("simclrkit", "bare_nchw"),
         ("simclrkit_bf16", "lightly"), ("simclrkit_bf16", "bare_channels_last_bf16"),
+        ("simclrkit_bf16", "simclrkit_bf16_no_prefetch"),
         ("simclrkit_compile", "lightly"), ("simclrkit_compile", "bare_channels_last"),
     ]
     for mine, other in pairs:

@@ -59,6 +59,7 @@ class DataConfig:
     root: str | None = None
     image_size: int | None = None  # None: the dataset's native size
     num_workers: int = 0
+    prefetch: bool = True  # with 0 workers: a thread makes the next batch during the step
     max_bad_fraction: float = 0.01
 
     def __post_init__(self) -> None:

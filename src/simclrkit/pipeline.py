@@ -19,7 +19,10 @@ Two augmentation placements share one distribution (``augment.py``):
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -100,11 +103,15 @@ def batch_stream(
     *,
     num_workers: int = 0,
     pin_memory: bool = False,
+    prefetch: bool = True,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yields the items of steps ``start_step .. total_steps - 1`` in order.
 
     With workers, each computes whole steps ahead of the training loop (prefetching); the
-    order and content do not depend on the number of workers.
+    order and content do not depend on the number of workers. Without workers and with
+    ``prefetch``, a background thread of this process computes the next step's item while the
+    caller trains on the current one (the augmentation kernels release the GIL). Close the
+    generator (``contextlib.closing``) to stop that thread when leaving early.
     """
     loader = DataLoader(
         batches,
@@ -120,7 +127,73 @@ def batch_stream(
         # global RNG, whose saved state must not depend on how often a run was resumed.
         generator=torch.Generator().manual_seed(batches.seed),
     )
-    return iter(loader)
+    if num_workers or not prefetch:
+        yield from loader
+        return
+    ahead = _Prefetcher(iter(loader))
+    try:
+        yield from ahead
+    finally:
+        ahead.close()
+
+
+class _Prefetcher:
+    """Iterates ``items`` one item ahead of the consumer, in a daemon thread.
+
+    Written here rather than taken from DataLoader: its prefetching needs worker processes,
+    which copy the dataset and pay inter-process transfer for every batch; a thread shares
+    the images and hands over tensors without copying. An exception raised while producing an
+    item is raised again, unchanged, by the consumer's ``next`` at that item's place.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._finished: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._produce, args=(items,), name="simclrkit-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+        except BaseException as error:  # handed to the consumer, raised in its thread
+            self._put((None, error))
+            return
+        self._put((self._END, None))
+
+    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
+        """Waits for room in the queue; False when the consumer closed the stream meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished is not None:
+            raise self._finished
+        item, error = self._queue.get()
+        if error is not None or item is self._END:
+            self._finished = error if error is not None else StopIteration()
+            self._thread.join()
+            raise self._finished
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (it may be computing one item, which is dropped)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def _single_thread_worker(worker_id: int) -> None:

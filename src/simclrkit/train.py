@@ -32,6 +32,7 @@ a gradient scaler whose state is checkpointed) and ``train.compile`` ``torch.com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -67,6 +68,7 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process sto
 # Config keys that may change when a run is resumed: they do not change what is computed.
 _RESUME_MAY_CHANGE = {
     "data.num_workers",
+    "data.prefetch",
     "data.max_bad_fraction",
     "train.device",
     "train.checkpoint_every",
@@ -495,9 +497,10 @@ def _pretrain(
     window_start, window_images = time.perf_counter(), 0
     last_record: dict[str, Any] | None = None
     stream = batch_stream(
-        batches, start_step, plan.total_steps, num_workers=config.data.num_workers
+        batches, start_step, plan.total_steps, num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch,
     )
-    with _StopRequests() as stop:
+    with _StopRequests() as stop, contextlib.closing(stream):
         for step in range(start_step, plan.total_steps):
             indices, view1, view2 = next(stream)
             views = torch.cat([view1, view2]).to(device, non_blocking=True)
