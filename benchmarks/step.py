@@ -24,6 +24,10 @@ Usage::
 
     python benchmarks/step.py --batch 128 --steps 6 --repeats 3 --out benchmarks/results/step.json
 
+``python benchmarks/step.py --profile bf16 --steps 6`` instead prints a cProfile of simclrkit's
+step with ``data.prefetch=false`` (where the time goes: batch, forward, backward, optimiser,
+logging).
+
 Appends a markdown table with the machine's description to ``docs/benchmarks.md``
 (``--no-docs`` to skip).
 """
@@ -38,9 +42,11 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
+import cProfile
 import json
 import pickle
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -71,7 +77,7 @@ def _write_cifar(root: Path, count: int) -> None:
 
 def _run_simclrkit(
     root: Path, batch: int, steps: int, warmup: int, precision: str, compile: bool = False,
-    prefetch: bool = True,
+    prefetch: bool = True, profile: bool = False,
 ) -> float:
     from simclrkit.config import load_config
     from simclrkit.report import read_metrics
@@ -89,7 +95,12 @@ def _run_simclrkit(
         ],
     )
     with tempfile.TemporaryDirectory() as run_dir:
-        pretrain(config, run_dir, quiet=True)
+        if profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(pretrain, config, run_dir, quiet=True)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+        else:
+            pretrain(config, run_dir, quiet=True)
         records = read_metrics(Path(run_dir) / "metrics.jsonl")
     return statistics.median(r["images_per_second"] for r in records[warmup:])
 
@@ -232,11 +243,26 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.json"))
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--profile", choices=("fp32", "bf16"),
+        help="run simclrkit's step once in this precision under cProfile (warm-up and measured "
+        "steps) and print where the time goes, instead of the comparison",
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         _child(args)
+        return
+    if args.profile:
+        with tempfile.TemporaryDirectory() as data:
+            _write_cifar(Path(data), args.images)
+            # Without the prefetch thread: cProfile sees only this thread, and the batch's
+            # cost must show up in it.
+            _run_simclrkit(
+                Path(data), args.batch, args.steps, args.warmup, args.profile, prefetch=False,
+                profile=True,
+            )
         return
 
     variants = args.variants.split(",")

@@ -143,7 +143,8 @@ class _Prefetcher:
     Written here rather than taken from DataLoader: its prefetching needs worker processes,
     which copy the dataset and pay inter-process transfer for every batch; a thread shares
     the images and hands over tensors without copying. An exception raised while producing an
-    item is raised again, unchanged, by the consumer's ``next`` at that item's place.
+    item is raised again, unchanged, by the consumer's ``next`` at that item's place. Used
+    once through (``yield from``): after the end or an error it is not asked again.
     """
 
     _END = object()
@@ -151,7 +152,6 @@ class _Prefetcher:
     def __init__(self, items: Iterator[Any]) -> None:
         self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._finished: BaseException | None = None
         self._thread = threading.Thread(
             target=self._produce, args=(items,), name="simclrkit-prefetch", daemon=True
         )
@@ -181,13 +181,11 @@ class _Prefetcher:
         return self
 
     def __next__(self) -> Any:
-        if self._finished is not None:
-            raise self._finished
         item, error = self._queue.get()
-        if error is not None or item is self._END:
-            self._finished = error if error is not None else StopIteration()
-            self._thread.join()
-            raise self._finished
+        if error is not None:
+            raise error
+        if item is self._END:
+            raise StopIteration
         return item
 
     def close(self) -> None:
