@@ -415,3 +415,34 @@ def test_unlabelled_or_untestable_datasets_raise_config_errors(run_dir, tmp_path
         evaluate_checkpoint(checkpoint, protocols=["svm"], quiet=True)
     with pytest.raises(ConfigError, match="label_fraction"):
         evaluate_checkpoint(checkpoint, label_fraction=2.0, quiet=True)
+
+
+def test_evaluation_keeps_the_runs_tolerance_for_bad_files(tmp_path):
+    # A labelled folder with one undecodable file in 13 (7.7%): over the 1% default, under the
+    # 10% the run was given. Evaluating that run must not refuse the folder it trained on.
+    root = tmp_path / "images"
+    for split, count in (("train", 6), ("test", 3)):
+        for label, shade in (("dark", 40), ("light", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (12, 12), color=shade + 5 * i).save(
+                    root / split / label / f"{i}.png"
+                )
+    (root / "train" / "dark" / "broken.png").write_bytes(b"not a png at all")
+    run = tmp_path / "run"
+    overrides = ["model.width=0.125", "data.image_size=8", "train.batch_size=4",
+                 "train.max_steps=2", "eval.linear=false", "data.dataset=imagefolder",
+                 f"data.root={root}", "data.max_bad_fraction=0.1"]
+    with pytest.warns(UserWarning, match="broken.png"):
+        pretrain(load_config("mnist5k", overrides), run, quiet=True)
+    checkpoint = run / "checkpoints" / "last.pt"
+    settings = {"tsne_points": 0, "random_init_baseline": False, "raw_pixels_baseline": False}
+
+    with pytest.warns(UserWarning, match="broken.png"):
+        (linear,) = evaluate_checkpoint(checkpoint, protocols=["linear"], overrides=settings,
+                                        out_dir=tmp_path / "eval", quiet=True)
+    assert linear["top1"] == 1.0  # dark and light: separable by any encoder
+    # The evaluation's own setting still wins over the run's.
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="data.max_bad_fraction"):
+        evaluate_checkpoint(checkpoint, protocols=["linear"], quiet=True,
+                            overrides={**settings, "data.max_bad_fraction": 0.01})

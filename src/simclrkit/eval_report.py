@@ -58,6 +58,9 @@ class EvalSettings:
     Attributes:
         dataset: labelled dataset to evaluate on; None: the checkpoint's.
         root: its files; None: the checkpoint's root when the dataset is the same.
+        max_bad_fraction: the largest fraction of undecodable image files skipped with a
+            warning rather than refused; None: the checkpoint's ``data.max_bad_fraction``, so
+            a folder the run trained on is evaluated under the tolerance it was given.
         batch_size: images per forward pass when computing features.
         linear_protocol: "lbfgs" (cached features, logistic regression) or "sgd" (paper).
         linear_epochs, linear_batch_size, linear_base_lr: the "sgd" protocol (paper: 90
@@ -76,6 +79,7 @@ class EvalSettings:
 
     dataset: str | None = None
     root: str | None = None
+    max_bad_fraction: float | None = None
     batch_size: int = 512
     linear_protocol: Literal["lbfgs", "sgd"] = "lbfgs"
     linear_epochs: int = 30
@@ -95,6 +99,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.dataset is not None:
             DataConfig(dataset=self.dataset, root=self.root)  # validates name and root
+        if self.max_bad_fraction is not None:
+            DataConfig(max_bad_fraction=self.max_bad_fraction)  # validates the fraction
         positive = ("batch_size", "linear_epochs", "linear_batch_size", "linear_base_lr",
                     "knn_k", "knn_temperature", "finetune_batch_size", "finetune_base_lr")
         for key in positive:
@@ -108,7 +114,9 @@ class EvalSettings:
 
 
 # Dotted config keys accepted as aliases of settings fields.
-_ALIASES = {"data.dataset": "dataset", "data.root": "root"}
+_ALIASES = {
+    "data.dataset": "dataset", "data.root": "root", "data.max_bad_fraction": "max_bad_fraction",
+}
 
 
 def eval_settings(overrides: Any = None) -> EvalSettings:
@@ -127,6 +135,7 @@ def eval_settings(overrides: Any = None) -> EvalSettings:
         overrides = {
             "dataset": overrides.data.dataset,
             "root": overrides.data.root,
+            "max_bad_fraction": overrides.data.max_bad_fraction,
             "batch_size": overrides.eval.batch_size,
             "random_init_baseline": overrides.eval.random_init_baseline,
         }
@@ -163,14 +172,14 @@ def _parse_protocols(protocols: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _load_labelled(dataset: str, root: str | None, split: str):
+def _load_labelled(dataset: str, root: str | None, split: str, max_bad_fraction: float):
     hint = (
         "evaluation needs a labelled dataset with train and test splits; pass e.g. "
         "data.dataset=imagefolder data.root=DIR (DIR/train/<class>/..., DIR/test/<class>/...) "
         "or data.dataset=mnist5k"
     )
     try:
-        data = load_dataset(dataset, root, split, quiet=True)
+        data = load_dataset(dataset, root, split, quiet=True, max_bad_fraction=max_bad_fraction)
     except ConfigError as error:
         raise ConfigError(f"{error} ({hint})") from None
     except ValueError:  # the dataset has no such split
@@ -342,8 +351,11 @@ def evaluate_checkpoint(
     arch = state["architecture"]
     dataset = settings.dataset or run_config.data.dataset
     root = settings.root if settings.root or settings.dataset else run_config.data.root
-    train = _load_labelled(dataset, root, "train")
-    test = _load_labelled(dataset, root, "test")
+    max_bad = settings.max_bad_fraction
+    if max_bad is None:
+        max_bad = run_config.data.max_bad_fraction
+    train = _load_labelled(dataset, root, "train", max_bad)
+    test = _load_labelled(dataset, root, "test", max_bad)
     if train.num_channels != arch["in_channels"]:
         raise ConfigError(
             f"data.dataset: '{dataset}' has {train.num_channels}-channel images, the encoder was "
