@@ -283,8 +283,13 @@ def test_eval_settings_from_strings_mappings_and_configs():
     settings = eval_settings(["knn_k=20", "eval.linear_protocol=sgd", "data.dataset=mnist5k"])
     assert (settings.knn_k, settings.linear_protocol, settings.dataset) == (20, "sgd", "mnist5k")
     assert eval_settings({"eval.finetune_epochs": 3}).finetune_epochs == 3
-    config = load_config("mnist5k", ["eval.batch_size=64"])
-    assert eval_settings(config) == EvalSettings(dataset="mnist5k", batch_size=64)
+    config = load_config("mnist5k", ["eval.batch_size=64", "data.max_bad_fraction=0.05"])
+    assert eval_settings(config) == EvalSettings(
+        dataset="mnist5k", batch_size=64, max_bad_fraction=0.05
+    )
+    assert eval_settings(["data.max_bad_fraction=0.2"]).max_bad_fraction == 0.2
+    with pytest.raises(ConfigError, match="max_bad_fraction"):
+        eval_settings({"data.max_bad_fraction": 1.5})
     with pytest.raises(ConfigError, match="did you mean 'knn_k'"):
         eval_settings({"knn_kk": 3})
     with pytest.raises(ConfigError, match="linear_protocol"):
