@@ -24,6 +24,7 @@ from simclrkit.eval_report import (
     format_results_table,
 )
 from simclrkit.models import ProjectionHead, build_encoder
+from simclrkit.report import preview_augmentations
 from simclrkit.optim import parameter_groups
 from simclrkit.train import pretrain
 
@@ -436,10 +437,15 @@ def test_evaluation_keeps_the_runs_tolerance_for_bad_files(tmp_path):
     (root / "train" / "dark" / "broken.png").write_bytes(b"not a png at all")
     run = tmp_path / "run"
     overrides = ["model.width=0.125", "data.image_size=8", "train.batch_size=4",
-                 "train.max_steps=2", "eval.linear=false", "data.dataset=imagefolder",
-                 f"data.root={root}", "data.max_bad_fraction=0.1"]
+                 "train.max_steps=2", "eval.random_init_baseline=false",
+                 "data.dataset=imagefolder", f"data.root={root}", "data.max_bad_fraction=0.1"]
+    config = load_config("mnist5k", overrides)
     with pytest.warns(UserWarning, match="broken.png"):
-        pretrain(load_config("mnist5k", overrides), run, quiet=True)
+        summary = pretrain(config, run, quiet=True)
+    assert summary["eval"]["linear_top1"] == 1.0  # the end-of-run evaluation was not skipped
+    with pytest.warns(UserWarning, match="broken.png"):
+        grid = preview_augmentations(config, tmp_path / "views.png", num_images=2, num_views=2)
+    assert grid.read_bytes().startswith(PNG_MAGIC)
     checkpoint = run / "checkpoints" / "last.pt"
     settings = {"tsne_points": 0, "random_init_baseline": False, "raw_pixels_baseline": False}
 

@@ -545,8 +545,10 @@ def linear_probe_report(
     """
     started = time.perf_counter()
     try:
-        train = load_dataset(config.data.dataset, config.data.root, "train", quiet=True)
-        test = load_dataset(config.data.dataset, config.data.root, "test", quiet=True)
+        # The run's own tolerance for undecodable files, as when it loaded its training data.
+        tolerance = dict(quiet=True, max_bad_fraction=config.data.max_bad_fraction)
+        train = load_dataset(config.data.dataset, config.data.root, "train", **tolerance)
+        test = load_dataset(config.data.dataset, config.data.root, "test", **tolerance)
     except ConfigError as error:
         if not quiet:
             print(f"simclrkit: no linear evaluation: {error}", file=sys.stderr)

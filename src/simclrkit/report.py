@@ -192,7 +192,10 @@ def preview_augmentations(
 
     if num_images < 1 or num_views < 1:
         raise ConfigError("--images and --views: allowed: integers >= 1")
-    source = load_dataset(config.data.dataset, config.data.root, "pretrain", quiet=True)
+    source = load_dataset(
+        config.data.dataset, config.data.root, "pretrain", quiet=True,
+        max_bad_fraction=config.data.max_bad_fraction,
+    )
     image_size = config.data.image_size or source.native_size
     if image_size is None:
         raise ConfigError("data.image_size: images of a folder vary in size; set it, e.g. 224")
