@@ -81,6 +81,7 @@ __all__ = [
     "load_cifar",
     "load_cifar_batch",
     "load_dataset",
+    "load_run_data",
     "load_idx_dataset",
     "load_image_files",
     "load_mnist5k",
@@ -200,6 +201,24 @@ def load_dataset(
     if not quiet:
         _LOG.info("%s/%s: %d images of %s", name, split, len(data), tuple(data.images.shape[1:]))
     return dataclasses.replace(data, name=name, split=split)
+
+
+def load_run_data(config: Any, split: str, *, quiet: bool = True) -> ImageArray | ImageFiles:
+    """A split of a run's dataset, loaded under the run's own data settings.
+
+    Every step of a run that reads its data (pretraining, the end-of-run evaluation, the
+    augmentation preview) goes through here, so each applies the same ``data.max_bad_fraction``
+    as pretraining did rather than :func:`load_dataset`'s 1% default.
+
+    Args:
+        config: a run :class:`~simclrkit.config.Config` (its ``data`` section is used).
+        split: as :func:`load_dataset`.
+        quiet: no informational log line.
+    """
+    data = config.data
+    return load_dataset(
+        data.dataset, data.root, split, max_bad_fraction=data.max_bad_fraction, quiet=quiet
+    )
 
 
 def _require_root(name: str, root: Path | None) -> Path:

@@ -40,7 +40,7 @@ from torch import nn
 
 from simclrkit.augment import apply_eval
 from simclrkit.config import ConfigError
-from simclrkit.data import ImageArray, ImageFiles, load_dataset
+from simclrkit.data import ImageArray, ImageFiles, load_run_data
 from simclrkit.optim import WarmupCosineSchedule
 
 Source = ImageArray | ImageFiles
@@ -545,10 +545,8 @@ def linear_probe_report(
     """
     started = time.perf_counter()
     try:
-        # The run's own tolerance for undecodable files, as when it loaded its training data.
-        tolerance = dict(quiet=True, max_bad_fraction=config.data.max_bad_fraction)
-        train = load_dataset(config.data.dataset, config.data.root, "train", **tolerance)
-        test = load_dataset(config.data.dataset, config.data.root, "test", **tolerance)
+        train = load_run_data(config, "train")
+        test = load_run_data(config, "test")
     except ConfigError as error:
         if not quiet:
             print(f"simclrkit: no linear evaluation: {error}", file=sys.stderr)

@@ -186,16 +186,13 @@ def preview_augmentations(
     """
     from simclrkit.augment import default_blur
     from simclrkit.config import ConfigError
-    from simclrkit.data import load_dataset
+    from simclrkit.data import load_run_data
     from simclrkit.pipeline import epoch_order
     from simclrkit.train import build_augment
 
     if num_images < 1 or num_views < 1:
         raise ConfigError("--images and --views: allowed: integers >= 1")
-    source = load_dataset(
-        config.data.dataset, config.data.root, "pretrain", quiet=True,
-        max_bad_fraction=config.data.max_bad_fraction,
-    )
+    source = load_run_data(config, "pretrain")
     image_size = config.data.image_size or source.native_size
     if image_size is None:
         raise ConfigError("data.image_size: images of a folder vary in size; set it, e.g. 224")

@@ -50,7 +50,7 @@ from simclrkit import distributed
 from simclrkit.augment import SimCLRAugment
 from simclrkit.checkpoint import CheckpointManager, load_checkpoint
 from simclrkit.config import Config, ConfigError, Plan
-from simclrkit.data import dataset_summary, load_dataset
+from simclrkit.data import dataset_summary, load_run_data
 from simclrkit.losses import NTXentLoss
 from simclrkit.models import ProjectionHead, SimCLR, build_encoder
 from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
@@ -389,13 +389,7 @@ def _pretrain(
                 f"result ({'; '.join(changed)}); pass --force to resume anyway"
             )
 
-    train_data = load_dataset(
-        config.data.dataset,
-        config.data.root,
-        "pretrain",
-        max_bad_fraction=config.data.max_bad_fraction,
-        quiet=quiet,
-    )
+    train_data = load_run_data(config, "pretrain", quiet=quiet)
     plan = config_lib.resolve(
         config,
         num_examples=len(train_data),
