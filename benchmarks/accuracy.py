@@ -1,6 +1,6 @@
 """Accuracy per CPU-minute on Fashion-MNIST: simclrkit vs lightly's recipe at equal wall-clock.
 
-Both methods pretrain the SAME encoder (the ``fashion_mnist_cpu`` recipe's: ResNet-18, width 0.5,
+Both methods pretrain the SAME encoder (the ``fashion_mnist_cpu`` recipe's: ResNet-18, width 0.75,
 CIFAR stem, 28 px; ``--override model.width=...`` changes it for every method) on the 60,000
 Fashion-MNIST training images (labels unused) for the same wall-clock budget, then a linear
 classifier (multinomial logistic regression on frozen, standardised h, its regularisation
