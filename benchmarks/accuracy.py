@@ -48,6 +48,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step import _machine  # noqa: E402 - one description of the machine for every benchmark
 RECIPE = "fashion_mnist_cpu"
 
 
@@ -280,6 +282,7 @@ def main() -> None:
         "encoder": "{} width {}, CIFAR stem, {} px".format(*_encoder_spec(args.override)),
         "results": results,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "machine": _machine(),
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -213,18 +213,25 @@ def _child(args: argparse.Namespace) -> None:
 def _machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    # The same CPU model name covers hosts with and without AVX512 and bf16 instructions, which
+    # change the CPU figures by twice or more (bf16 autocast is only on where they exist).
+    isa = "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        isa += " with bf16"
     threads = torch.get_num_threads()
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads, "
+        f"{cpu} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads, "
         f"THP_MEM_ALLOC_ENABLE={thp}"
     )
 
