@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from step import _machine  # noqa: E402 - one description of the machine for every benchmark
+from step import describe_machine  # noqa: E402 - every benchmark describes the machine alike
 RECIPE = "fashion_mnist_cpu"
 # Each method's step count for the budget comes from its rate over the LAST steps of a throwaway
 # calibration run: on some hosts the first ten or so steps run at half speed (a median over
@@ -286,7 +286,7 @@ def main() -> None:
         "encoder": "{} width {}, CIFAR stem, {} px".format(*_encoder_spec(args.override)),
         "results": results,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-        "machine": _machine(),
+        "machine": describe_machine(),
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

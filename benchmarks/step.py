@@ -210,7 +210,8 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps({"images_per_second": rate}))
 
 
-def _machine() -> str:
+def describe_machine() -> str:
+    """One line naming the CPU (with its vector ISA), cores, torch, threads and page setting."""
     import torch
 
     cpu, flags = platform.processor() or platform.machine(), set()
@@ -303,7 +304,7 @@ def main() -> None:
         if mine in medians and other in medians:
             ratios[f"{mine}/{other}"] = medians[mine] / medians[other]
     report = {
-        "machine": _machine(),
+        "machine": describe_machine(),
         "batch": args.batch,
         "encoder": "resnet18 CIFAR stem, 32 px, width 1, two views",
         "images_per_second": medians,
