@@ -1,4 +1,4 @@
-"""Datasets: every on-disk format written here for real, read back exactly; bad files skipped.
+"""Datasets: every on-disk format written here for real, read back exactly; bad files found.
 
 Each test writes small files in the official formats (IDX, CIFAR pickles, STL-10 binaries,
 image trees, file lists) and compares what the loader returns with the arrays that were
@@ -21,6 +21,7 @@ from PIL import Image, ImageFile
 from simclrkit import data, imagearrays, imagefiles
 from simclrkit.config import ConfigError
 from simclrkit.data import (
+    BadImageError,
     BadImageWarning,
     ImageArray,
     ImageFiles,
@@ -478,11 +479,28 @@ def _bad_folder(folder, bomb_png):
     return sorted(bad)
 
 
+def test_loading_opens_no_image_and_a_read_names_what_is_wrong(tmp_path, bomb_png):
+    bad = _bad_folder(tmp_path, bomb_png)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is checked at load time, so nothing warns
+        loaded = load_dataset("folder", tmp_path, "train")
+    assert len(loaded) == len(bad) + 3 and loaded.skipped == 0
+    names = [os.path.basename(p) for p in loaded.paths]
+    expected = {"empty.jpg": "empty file", "truncated.jpg": "truncated",
+                "bomb.png": "decompression bomb", "text.jpg": "not an image",
+                "random.png": "not an image", "unreadable.png": "permission denied"}
+    for name in bad:
+        with pytest.raises(BadImageError, match=expected[name]) as error:
+            loaded.read(names.index(name))
+        assert error.value.path == str(tmp_path / name)
+    assert [int(loaded.read(names.index(f"good{i}.png"))[0, 0, 0]) for i in range(3)] == [0, 1, 2]
+
+
 def test_bad_files_are_skipped_with_one_warning_each(tmp_path, bomb_png):
     bad = _bad_folder(tmp_path, bomb_png)
     total = len(bad) + 3
     with pytest.warns(BadImageWarning) as record:
-        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=1.0)
+        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=1.0, check="decode")
     assert len(loaded) == 3 and loaded.skipped == len(bad)
     assert [os.path.basename(p) for p in loaded.skipped_files] == bad
     messages = _bad_warnings(record)
@@ -504,13 +522,22 @@ def test_bad_files_are_skipped_with_one_warning_each(tmp_path, bomb_png):
 
     # The limit is inclusive: exactly at the fraction passes, just below it raises.
     with pytest.warns(BadImageWarning):
-        load_dataset("folder", tmp_path, "train", max_bad_fraction=len(bad) / total)
+        load_dataset("folder", tmp_path, "train", max_bad_fraction=len(bad) / total, check="decode")
     with pytest.warns(BadImageWarning), pytest.raises(ConfigError) as error:
-        load_dataset("folder", tmp_path, "train", max_bad_fraction=len(bad) / total - 0.01)
+        load_dataset(
+            "folder", tmp_path, "train", max_bad_fraction=len(bad) / total - 0.01, check="decode"
+        )
     assert "data.max_bad_fraction" in str(error.value)
     assert f"{len(bad)} of {total}" in str(error.value)
     with pytest.warns(BadImageWarning), pytest.raises(ConfigError, match="data.max_bad_fraction"):
-        load_dataset("folder", tmp_path, "train")  # default 1%
+        load_dataset("folder", tmp_path, "train", check="decode")  # default 1%
+    # The header check finds what a header shows (not truncation, which needs a decode).
+    with pytest.warns(BadImageWarning):
+        headers = load_dataset("folder", tmp_path, "train", max_bad_fraction=1.0, check="header")
+    assert "truncated.jpg" not in [os.path.basename(p) for p in headers.skipped_files]
+    assert {"empty.jpg", "text.jpg", "bomb.png"} <= {
+        os.path.basename(p) for p in headers.skipped_files
+    }
 
 
 def test_permission_denied_is_a_bad_file(tmp_path, monkeypatch):
@@ -528,7 +555,7 @@ def test_permission_denied_is_a_bad_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", guarded_open)
     with pytest.warns(BadImageWarning, match="locked.png: permission denied"):
-        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=0.5)
+        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=0.5, check="decode")
     assert loaded.skipped == 1 and len(loaded) == 1
 
 
@@ -539,7 +566,8 @@ def test_pixel_limit_is_a_keyword(tmp_path, recwarn):
     assert kept.skipped == 0 and kept.read(0).shape == (3, 1500, 1500)
     assert int(kept.read(0).min()) == 255
     limited = load_dataset(
-        "folder", tmp_path, "train", max_bad_fraction=0.5, max_image_pixels=1_000_000
+        "folder", tmp_path, "train", max_bad_fraction=0.5, max_image_pixels=1_000_000,
+        check="header",
     )
     assert limited.skipped == 1 and limited.skipped_files[0].endswith("big.png")
     assert "decompression bomb: 1500x1500" in _bad_warnings(recwarn)[0]
@@ -555,9 +583,12 @@ def test_truncation_found_even_with_pillow_told_to_load_truncated_images(tmp_pat
     # With the flag Pillow itself accepts the truncated file: the check below can fail.
     Image.open(tmp_path / "truncated.jpg").load()
     with pytest.warns(BadImageWarning, match="truncated"):
-        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=0.5)
+        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=0.5, check="decode")
     assert [os.path.basename(p) for p in loaded.skipped_files] == ["truncated.jpg"]
     assert len(loaded) == 3
+    unchecked = load_dataset("folder", tmp_path, "train")  # found when read, all the same
+    with pytest.raises(BadImageError, match="truncated"):
+        unchecked.read([os.path.basename(p) for p in unchecked.paths].index("truncated.jpg"))
 
 
 def test_filelist_with_labels_comments_and_missing_files(tmp_path):
@@ -575,7 +606,7 @@ def test_filelist_with_labels_comments_and_missing_files(tmp_path):
         "../images/missing.png 1\n"
     )
     with pytest.warns(BadImageWarning, match="missing.png: no such file"):
-        loaded = load_dataset("filelist", listing, "train", max_bad_fraction=0.25)
+        loaded = load_dataset("filelist", listing, "train", max_bad_fraction=0.25, check="decode")
     assert loaded.labels.tolist() == [5, 3, 0]  # list order, not sorted
     assert [int(loaded.read(i)[0, 0, 0]) for i in range(3)] == [20, 0, 10]
     assert loaded.num_classes == 6 and loaded.skipped == 1
@@ -587,31 +618,50 @@ def test_filelist_with_labels_comments_and_missing_files(tmp_path):
         load_dataset("filelist", listing, "train")
 
 
-def test_lazy_and_cached_reads_are_identical(tmp_path):
+def test_reads_decode_on_demand_and_a_file_broken_after_listing_is_named(tmp_path):
     for i in range(4):
         size = (10 + i, 6 + 2 * i)
         Image.fromarray(RNG.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
             tmp_path / f"{i}.png"
         )
-    cached = load_dataset("folder", tmp_path, "train")
-    lazy = load_dataset("folder", tmp_path, "train", cache_limit_bytes=100)
-    assert cached.cached and not lazy.cached
+    loaded = load_dataset("folder", tmp_path, "train")
     for i in range(4):
-        assert torch.equal(cached.read(i), lazy.read(i))
-        assert cached.read(i).shape == (3, 10 + i, 6 + 2 * i)
-    (tmp_path / "2.png").write_bytes(b"")  # broken after the scan: a lazy read says which
-    with pytest.raises(OSError, match="2.png: empty file"):
-        lazy.read(2)
+        expected = np.array(Image.open(tmp_path / f"{i}.png").convert("RGB"))
+        assert torch.equal(loaded.read(i), torch.from_numpy(expected).permute(2, 0, 1))
+    (tmp_path / "2.png").write_bytes(b"")  # broken after the listing: a read says which
+    with pytest.raises(BadImageError, match="2.png: empty file"):
+        loaded.read(2)
 
 
-def test_result_does_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, bomb_png):
+def test_a_failed_read_is_retried_before_the_file_counts_as_bad(tmp_path, monkeypatch):
+    _solid(tmp_path / "flaky.png", "RGB", (7, 7, 7))
+    loaded = load_dataset("folder", tmp_path, "train")
+    real_fetch, calls = ImageFiles.fetch, []
+
+    def flaky(self, index):
+        calls.append(index)
+        if len(calls) < 3:  # a network filesystem's hiccup: two failures, then the data
+            raise OSError(5, "Input/output error")
+        return real_fetch(self, index)
+
+    monkeypatch.setattr(ImageFiles, "fetch", flaky)
+    assert int(loaded.read(0)[0, 0, 0]) == 7 and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(ImageFiles, "fetch", lambda self, i: calls.append(i) or b"")
+    with pytest.raises(BadImageError, match="empty file"):
+        loaded.read(0)
+    assert len(calls) == 3  # three attempts, then bad
+
+
+def test_check_does_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, bomb_png):
     bad = _bad_folder(tmp_path, bomb_png)
     monkeypatch.setattr(imagefiles, "_PARALLEL_MIN_FILES", 0)  # use the pool even for a few files
     results = []
     for workers in (0, 2):
         with pytest.warns(BadImageWarning) as record:
             loaded = load_image_files(
-                data.find_image_files(tmp_path), max_bad_fraction=1.0, num_workers=workers
+                data.build_index("folder", tmp_path, "train"), max_bad_fraction=1.0,
+                check="decode", num_workers=workers,
             )
         results.append((loaded, _bad_warnings(record)))
     (serial, serial_warnings), (parallel, parallel_warnings) = results
@@ -626,7 +676,7 @@ def test_summary_lists_the_first_twenty_skipped_files(tmp_path):
         (tmp_path / f"bad{i:02d}.jpg").write_bytes(b"")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=1.0)
+        loaded = load_dataset("folder", tmp_path, "train", max_bad_fraction=1.0, check="decode")
     assert len(_bad_warnings(record)) == 25
     summary = dataset_summary(loaded)
     assert summary["skipped"] == 25 and summary["size"] == 1

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from simclrkit import evaluate
+from simclrkit import evaluate, runeval
 from simclrkit import finetune as finetune_lib
 from simclrkit.config import ConfigError, load_config
-from simclrkit.data import load_dataset, mnist5k_split
+from simclrkit.data import BadImageWarning, load_dataset, mnist5k_split
 from simclrkit.eval_report import (
     EvalSettings,
     eval_settings,
@@ -383,7 +383,7 @@ def test_sgd_linear_protocol_on_cached_features(run_dir, tmp_path):
     assert not (tmp_path / "embedding_tsne.png").exists()
 
 
-def test_linear_probe_report_keeps_its_contract(run_dir):
+def _trained(run_dir):
     from simclrkit.checkpoint import load_checkpoint
     from simclrkit.config import from_dict
     from simclrkit.train import build_model
@@ -397,11 +397,67 @@ def test_linear_probe_report_keeps_its_contract(run_dir):
         torch.manual_seed(config.seed)
         return build_model(state["architecture"]).encoder
 
-    report = evaluate.linear_probe_report(model.encoder, random_encoder, config, image_size=16,
-                                          quiet=True)
+    return model, random_encoder, config
+
+
+def test_end_of_run_evaluation_keeps_its_contract(run_dir):
+    model, random_encoder, config = _trained(run_dir)
+    report = runeval.evaluate_run(model.encoder, random_encoder, config, image_size=16,
+                                  train_seconds=10.0, quiet=True)
     assert report["linear_top1"] > report["random_init_linear_top1"] + 0.1
     assert report["knn_top1"] > report["random_init_knn_top1"]
     assert {"linear_top5", "linear_C", "random_init_linear_top5", "eval_seconds"} <= set(report)
+    # MNIST-5k is under the default caps: the whole 4,000 / 1,000 split, nothing cut.
+    assert (report["eval_train_images"], report["eval_test_images"]) == (4000, 1000)
+    assert report["eval_notes"] == [] and report["eval_budget_seconds"] == 60.0
+
+
+def test_end_of_run_evaluation_shrinks_to_its_budget(run_dir):
+    model, random_encoder, config = _trained(run_dir)
+    capped = dataclasses.replace(config, eval=dataclasses.replace(
+        config.eval, max_train_images=1000, max_test_images=300))
+    report = runeval.evaluate_run(model.encoder, None, capped, image_size=16,
+                                  train_seconds=10.0, quiet=True)
+    assert (report["eval_train_images"], report["eval_test_images"]) == (1000, 300)
+    # A budget far below the cost of the features: the subsample shrinks, class-balanced, and
+    # the evaluation keeps to the budget (a second for two 16 px forward passes of ~100 images).
+    tight = dataclasses.replace(config, eval=dataclasses.replace(
+        config.eval, min_seconds=0.0, max_share=0.02))
+    measured = []
+    for _ in range(2):
+        report = runeval.evaluate_run(model.encoder, random_encoder, tight, image_size=16,
+                                      train_seconds=60.0, quiet=True)
+        measured.append(report)
+    report = measured[-1]
+    assert report and report["eval_train_images"] < 4000
+    assert any("shrunk" in note or "dropped" in note for note in report["eval_notes"])
+    assert report["eval_seconds"] <= 1.2 * report["eval_budget_seconds"] + 0.5
+
+
+def test_balanced_order_is_round_robin_over_classes_and_seeded():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    order = runeval.balanced_order(labels, seed=0)
+    assert sorted(order.tolist()) == list(range(10))
+    assert labels[order[:3]].tolist() == [0, 1, 2]  # one of each class first
+    assert sorted(labels[order[3:5]].tolist()) == [0, 1]  # then the classes that have more
+    assert labels[order[-3:]].tolist() == [0, 0, 0]
+    assert np.array_equal(order, runeval.balanced_order(labels, seed=0))
+    assert not np.array_equal(order, runeval.balanced_order(labels, seed=1))
+
+
+def test_logistic_regression_deadline_cuts_iterations_then_the_grid():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    free = evaluate.logistic_regression_probe(x, y, x, y)
+    assert free["notes"] == [] and len(free["validation_top1"]) == len(evaluate.C_GRID)
+    import time
+
+    rushed = evaluate.logistic_regression_probe(x, y, x, y, deadline=time.perf_counter())
+    assert rushed["validation_top1"] == {} and rushed["C"] == 1.0
+    assert any("grid skipped" in n for n in rushed["notes"])
+    assert any("capped at 10 iterations" in n for n in rushed["notes"])
+    assert rushed["top1"] > 0.9  # separable: a few iterations suffice
 
 
 def test_unlabelled_or_untestable_datasets_raise_config_errors(run_dir, tmp_path):
@@ -440,20 +496,21 @@ def test_evaluation_keeps_the_runs_tolerance_for_bad_files(tmp_path):
                  "train.max_steps=2", "eval.random_init_baseline=false",
                  "data.dataset=imagefolder", f"data.root={root}", "data.max_bad_fraction=0.1"]
     config = load_config("mnist5k", overrides)
-    with pytest.warns(UserWarning, match="broken.png"):
+    with pytest.warns(BadImageWarning, match="broken.png"):  # found by training or evaluation
         summary = pretrain(config, run, quiet=True)
     assert summary["eval"]["linear_top1"] == 1.0  # the end-of-run evaluation was not skipped
-    with pytest.warns(UserWarning, match="broken.png"):
-        grid = preview_augmentations(config, tmp_path / "views.png", num_images=2, num_views=2)
+    assert summary["eval"]["eval_train_images"] == 12  # the broken file left out
+    with pytest.warns(BadImageWarning, match="broken.png"):  # every image asked for: 12 shown
+        grid = preview_augmentations(config, tmp_path / "views.png", num_images=13, num_views=2)
     assert grid.read_bytes().startswith(PNG_MAGIC)
     checkpoint = run / "checkpoints" / "last.pt"
     settings = {"tsne_points": 0, "random_init_baseline": False, "raw_pixels_baseline": False}
 
-    with pytest.warns(UserWarning, match="broken.png"):
+    with pytest.warns(BadImageWarning, match="broken.png"):
         (linear,) = evaluate_checkpoint(checkpoint, protocols=["linear"], overrides=settings,
                                         out_dir=tmp_path / "eval", quiet=True)
     assert linear["top1"] == 1.0  # dark and light: separable by any encoder
     # The evaluation's own setting still wins over the run's.
-    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="data.max_bad_fraction"):
+    with pytest.warns(BadImageWarning), pytest.raises(ConfigError, match="data.max_bad_fraction"):
         evaluate_checkpoint(checkpoint, protocols=["linear"], quiet=True,
                             overrides={**settings, "data.max_bad_fraction": 0.01})

@@ -428,6 +428,53 @@ class SimCLRAugment:
             for view in range(num_views)
         ]
 
+    def crop_uint8(self, images: torch.Tensor, params: Params) -> torch.Tensor:
+        """The first half of the transform, in uint8: crop, flip and resize only.
+
+        The split pipeline for files (``filebatches.py``) runs this half where the source
+        image is (a loader worker, next to the decoder) and hands over uint8 views of the
+        output size, a quarter of float32's bytes; :meth:`color` does the rest. The two halves
+        compose to :meth:`apply` up to the rounding of the resized view to 8 bits.
+
+        Args:
+            images: (B, C, H, W) uint8 or float in [0, 1]; params: from :meth:`sample_params`
+                (the crop box may be fractional: a box in full-size pixels scaled to an image
+                decoded at a reduced size).
+
+        Returns:
+            (B, C, S, S) uint8.
+        """
+        off = torch.zeros(images.shape[0], dtype=torch.bool)
+        geometric = {**params, "jitter": off, "grayscale": off, "blur": off}
+        views = _apply(
+            images, geometric, output_size=self.output_size, additive_brightness=False,
+            normalize=None, out=None,
+        )
+        return views.mul_(255).round_().to(torch.uint8)
+
+    def color(
+        self, views: torch.Tensor, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The second half of the transform: colour jitter, grayscale, blur and normalisation
+        of uint8 views that :meth:`crop_uint8` made, on the views' device.
+
+        Args:
+            views: (B, C, S, S) uint8 at the output size; params: the same draws as for
+                :meth:`crop_uint8` (only the colour and blur entries are used).
+            out: as :meth:`apply`.
+
+        Returns:
+            (B, C, S, S) float32.
+        """
+        batch, size = views.shape[0], self.output_size
+        if views.shape[-2:] != (size, size):
+            raise ValueError(f"views must be {size}x{size}, got {tuple(views.shape[-2:])}")
+        zero = torch.zeros(batch, dtype=torch.int64)
+        side = torch.full((batch,), size, dtype=torch.int64)
+        identity = {**params, "top": zero, "left": zero, "height": side, "width": side,
+                    "flip": torch.zeros(batch, dtype=torch.bool)}  # fmt: skip
+        return self.apply(views, identity, out=out)
+
     def __call__(
         self, image: torch.Tensor, seed: int, epoch: int, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,9 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -38,8 +39,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Saves ``obj`` with ``torch.save`` so that ``path`` is never seen half-written.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Runs ``write(handle)`` so that ``path`` is never seen half-written.
+
+    The data goes to a temporary file in the same folder, is fsynced, renamed over ``path``
+    and the folder fsynced: after a crash at any moment ``path`` holds the old content or
+    the new one.
 
     Raises:
         OSError: when the write fails (disk full, ...); no temporary file remains and an
@@ -47,14 +52,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         # mkstemp creates the file for its owner only; give it the usual umask permissions.
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -65,6 +70,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """Saves ``obj`` with ``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -55,6 +55,28 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the bundled recipes")
 
+    index = sub.add_parser(
+        "index", help="list image files (or shards) into an index file; no image is opened"
+    )
+    index.add_argument("root", help="the folder (for filelist: the list file)")
+    index.add_argument("--out", required=True, help="the index file to write (.npz)")
+    index.add_argument(
+        "--dataset", default="folder", choices=("folder", "imagefolder", "filelist", "shards")
+    )
+    index.add_argument("--split", default="train", choices=("train", "test"))
+
+    pack = sub.add_parser(
+        "pack", help="write image files as tar shards, re-encoded at a maximum side"
+    )
+    pack.add_argument("root", help="the folder (for filelist: the list file)")
+    pack.add_argument("--out", required=True, help="the shard folder to write")
+    pack.add_argument("--dataset", default="folder", choices=("folder", "imagefolder", "filelist"))
+    pack.add_argument("--max-side", type=int, default=320, help="longer side in pixels (0: keep)")
+    pack.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    pack.add_argument("--shard-samples", type=int, default=5000, help="images per shard")
+    pack.add_argument("--workers", type=int, default=None, help="encoding processes")
+    pack.add_argument("--quiet", action="store_true", help="no progress bar")
+
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint's frozen or fine-tuned encoder")
     evaluate.add_argument("checkpoint", help="a training checkpoint, e.g. RUN_DIR/checkpoints/last.pt")
     evaluate.add_argument(
@@ -122,6 +144,47 @@ def _print_results(summary: dict) -> None:
         print(line)
 
 
+def _index(args: argparse.Namespace) -> int:
+    import time
+
+    from simclrkit.config import ConfigError
+    from simclrkit.index import build_index
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; name the index file, e.g. {out / 'index.npz'}")
+    started = time.perf_counter()
+    index = build_index(args.dataset, args.root, args.split)
+    index.save(out)
+    classes = f", {len(index.classes)} classes" if index.labels is not None else ""
+    print(
+        f"indexed {len(index):,} images{classes} of {args.dataset} {args.root} ({args.split}) in "
+        f"{time.perf_counter() - started:.1f}s into {out}; fingerprint {index.fingerprint[:16]}\n"
+        f"train on it with: simclrkit pretrain data.dataset={args.dataset} data.index={out} ..."
+    )
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from simclrkit.pack import pack
+
+    report = pack(
+        args.dataset, args.root, args.out, max_side=args.max_side, quality=args.quality,
+        samples_per_shard=args.shard_samples, workers=args.workers, quiet=args.quiet,
+    )
+    for split, result in report.items():
+        skipped = (
+            f"; skipped {result['skipped']} unreadable files (listed in "
+            f"{Path(args.out) / f'{split}.skipped.txt'})" if result["skipped"] else ""
+        )
+        print(
+            f"packed {split}: {result['samples']:,} images into {result['shards']} shards "
+            f"({result['bytes'] / 1e6:.1f} MB) in {result['seconds']:.1f}s{skipped}"
+        )
+    print(f"train on them with: simclrkit pretrain data.dataset=shards data.root={args.out} ...")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imports stay inside main so `simclrkit --help` is instant.
@@ -133,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, source in list_recipes().items():
                 print(f"{name:24s} {source}")
             return 0
+        if args.command == "index":
+            return _index(args)
+        if args.command == "pack":
+            return _pack(args)
         if args.command == "evaluate":
             from simclrkit.eval_report import evaluate_checkpoint, format_results_table
 

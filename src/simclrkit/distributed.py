@@ -29,7 +29,9 @@ import contextlib
 import datetime
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,10 +41,14 @@ from torch.nn.parallel import DistributedDataParallel
 __all__ = [
     "CpuSyncBatchNorm",
     "DistInfo",
+    "all_gather_objects",
     "all_reduce_any",
     "all_reduce_mean",
+    "all_reduce_sum",
     "barrier",
+    "broadcast_object",
     "convert_sync_batchnorm",
+    "gather_rows",
     "gather_with_grad",
     "init_from_env",
     "is_initialized",
@@ -184,6 +190,54 @@ def all_reduce_any(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def all_reduce_sum(values: Sequence[int]) -> list[int]:
+    """Element-wise sums of small integer counts over all processes (the values themselves in
+    a single process)."""
+    if _world_size() <= 1:
+        return [int(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return [int(v) for v in tensor.tolist()]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable, small), in rank order; ``[obj]`` in one process.
+
+    Meant for rare, small messages (the bad files a log interval found); it pickles.
+    """
+    if _world_size() <= 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every process (``obj`` itself in one process)."""
+    if _world_size() <= 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_rows(local: Tensor) -> Tensor | None:
+    """All processes' rows in rank order on rank 0 (None elsewhere); ``local`` alone when
+    single. Rows may differ in number between processes. For evaluation features: a
+    collective of one tensor, padded to the largest count."""
+    if _world_size() <= 1:
+        return local
+    device = _collective_device()
+    counts = all_gather_objects(int(local.shape[0]))
+    padded = local.new_zeros((max(counts), *local.shape[1:])).to(device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    if dist.get_rank() != 0:
+        return None
+    return torch.cat([part[:count].cpu() for part, count in zip(parts, counts)])
 
 
 # --------------------------------------------------------------------------------------

@@ -206,13 +206,24 @@ class _Subjects:
     """
 
     def __init__(self, model: SimCLR, arch: dict[str, Any], run_seed: int, train: Source,
-                 test: Source, *, batch_size: int, device: torch.device) -> None:
+                 test: Source, *, batch_size: int, device: torch.device,
+                 max_bad_fraction: float) -> None:
         self.model, self.arch, self.run_seed = model, arch, run_seed
         self.train, self.test = train, test
+        self.max_bad_fraction = max_bad_fraction
         self.feature_args = dict(image_size=arch["image_size"], batch_size=batch_size,
                                  device=device)
-        self._twin: SimCLR | None = None
+        # The pretrained features come first: computing them finds the files that do not
+        # decode, and every protocol after runs on the splits without them.
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        readable = [
+            evaluate.readable_features(model.encoder, split, max_bad_fraction=max_bad_fraction,
+                                       **self.feature_args)
+            for split in (train, test)
+        ]
+        (train_h, self.train), (test_h, self.test) = readable
+        self._features["pretrained"] = (train_h, test_h)
+        self._twin: SimCLR | None = None
 
     def network(self, name: str) -> SimCLR:
         if name == "pretrained":
@@ -377,7 +388,8 @@ def evaluate_checkpoint(
     model.encoder.load_state_dict(state["encoder"])
     model.head.load_state_dict(state["head"])
     subjects = _Subjects(model.to(device).eval(), arch, run_config.seed, train, test,
-                         batch_size=settings.batch_size, device=device)
+                         batch_size=settings.batch_size, device=device, max_bad_fraction=max_bad)
+    train, test = subjects.train, subjects.test  # without the files that did not decode
     log(f"{checkpoint_path} (step {state['step']}) on {dataset}: {len(train)} train / "
         f"{len(test)} test images, {num_classes} classes, {device}")
 

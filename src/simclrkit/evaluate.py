@@ -15,6 +15,7 @@ stay bit-identical; the tests check it).
 
 * Weighted kNN on L2-normalised h (InstDisc, Wu et al. 2018): the k nearest training
   features vote for their class with weight exp(similarity / temperature).
+* The bounded evaluation that ends a pretraining run is in ``runeval.py``.
 * :class:`OnlineProbe`: the linear classifier trained during pretraining on a stopped
   gradient of h (reference TF2 ``lineareval_while_pretraining``; paper App. B.6).
 * Fine-tuning on a class-balanced fraction of the labels (paper App. B.5; SimCLRv2 §2) is in
@@ -31,16 +32,18 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from simclrkit.augment import apply_eval
+from simclrkit.augment import EvalAugment, apply_eval
 from simclrkit.config import ConfigError
-from simclrkit.data import ImageArray, ImageFiles, load_run_data
+from simclrkit.data import BadImageError, BadImageWarning, ImageArray, ImageFiles
 from simclrkit.optim import WarmupCosineSchedule
 
 Source = ImageArray | ImageFiles
@@ -67,7 +70,8 @@ def eval_views(
     """Evaluation views of some images: crop + flip (``train``) or the test centre crop.
 
     The random crops are keyed on (seed, epoch, image index), so every epoch draws new
-    views and a rerun draws the same ones.
+    views and a rerun draws the same ones. Image files are decoded at the smallest JPEG scale
+    that covers the crop (``filebatches.largest_reduction``).
 
     Args:
         source: the dataset.
@@ -78,28 +82,144 @@ def eval_views(
 
     Returns:
         (B, C, S, S) float32 in [0, 1].
+
+    Raises:
+        BadImageError: a file that does not decode.
     """
     indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     keys = dict(seed=seed, epoch=epoch)
     if isinstance(source, ImageArray):
         return apply_eval(source.images[indices], image_size, train, indices=indices, **keys)
     # Files differ in size, so each is cropped on its own before they are stacked.
-    return torch.cat(
-        [
-            apply_eval(source.read(int(i))[None], image_size, train, indices=[int(i)], **keys)
-            for i in indices
-        ]
+    return torch.cat([_file_view(source, int(i), image_size, train, **keys) for i in indices])
+
+
+def _file_view(
+    source: ImageFiles, index: int, image_size: int, train: bool, *, seed: int, epoch: int
+) -> torch.Tensor:
+    """(1, 3, S, S) evaluation view of one file, decoded at the scale its crop allows."""
+    from simclrkit.filebatches import largest_reduction, scale_boxes
+
+    transform = EvalAugment(output_size=image_size)
+    drawn: dict[str, Any] = {}
+
+    def reduction_for(height: int, width: int) -> int:
+        drawn["params"] = transform.sample_params(train, height, width, seed, epoch, [index])
+        return largest_reduction(drawn["params"], image_size)
+
+    pixels, full = source.read_reduced(index, reduction_for)
+    params = drawn.get("params") or transform.sample_params(train, *full, seed, epoch, [index])
+    params = scale_boxes(params, full, tuple(pixels.shape[-2:]))
+    return transform.apply(pixels[None], params)
+
+
+def select_images(source: Source, positions: Sequence[int] | np.ndarray) -> Source:
+    """The images ``positions`` of ``source`` (in that order) as a source of their own."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if isinstance(source, ImageArray):
+        chosen = torch.from_numpy(positions)
+        labels = None if source.labels is None else source.labels[chosen]
+        return replace(source, images=source.images[chosen], labels=labels)
+    return ImageFiles(
+        source.index.select(positions), name=source.name, split=source.split,
+        max_image_pixels=source.max_image_pixels, reduced_decode=source.reduced_decode,
     )
 
 
-def _test_batches(source: Source, image_size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Test-time views (centre crop 0.875 above 32 px) in order, as (B, C, S, S) batches."""
-    for start in range(0, len(source), batch_size):
-        stop = min(start + batch_size, len(source))
-        yield eval_views(source, np.arange(start, stop), image_size, train=False)
+class _TestBatches(Dataset):
+    """Item ``b`` -> (positions, test views, bad files) of the b-th batch of a source.
+
+    A file that does not decode is left out of its batch and reported as (position, reason),
+    so that a DataLoader's workers can decode while the encoder runs.
+    """
+
+    def __init__(self, source: Source, image_size: int, batch_size: int) -> None:
+        self.source, self.image_size, self.batch_size = source, image_size, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.source) / self.batch_size)
+
+    def __getitem__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+        start = batch * self.batch_size
+        positions = np.arange(start, min(start + self.batch_size, len(self.source)))
+        if isinstance(self.source, ImageArray):
+            views = eval_views(self.source, positions, self.image_size, train=False)
+            return torch.from_numpy(positions), views, []
+        kept, views, bad = [], [], []
+        for i in positions.tolist():
+            try:
+                views.append(_file_view(self.source, i, self.image_size, False, seed=0, epoch=0))
+                kept.append(i)
+            except BadImageError as error:
+                bad.append((i, error.reason))
+        channels = self.source.num_channels
+        stacked = torch.cat(views) if views else torch.empty(0, channels, self.image_size,
+                                                              self.image_size)
+        return torch.tensor(kept, dtype=torch.int64), stacked, bad
+
+
+def _test_batches(
+    source: Source, image_size: int, batch_size: int, *, workers: int = 0,
+    bad: list | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(positions, test-time views) batches in order (centre crop 0.875 above 32 px).
+
+    Files that do not decode are left out and appended to ``bad`` as (position, reason); with
+    ``bad`` None they raise :class:`BadImageError`. ``workers`` DataLoader processes decode
+    ahead (files only).
+    """
+    from simclrkit.pipeline import worker_init
+
+    dataset = _TestBatches(source, image_size, batch_size)
+    use_workers = workers if isinstance(source, ImageFiles) else 0
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=use_workers,
+        worker_init_fn=worker_init if use_workers else None,
+    )
+    for positions, views, failed in loader:
+        if failed:
+            if bad is None:
+                index, reason = failed[0]
+                raise BadImageError(source.path(index), reason)
+            bad.extend(failed)
+        if len(positions):
+            yield positions, views
 
 
 @torch.no_grad()
+def compute_features(
+    encoder: nn.Module,
+    source: Source,
+    *,
+    image_size: int,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    skip_bad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """h of the images, by the encoder in eval mode: (h (M, D) float32 on CPU, positions (M,)
+    of the images the rows belong to, bad files as (position, reason)).
+
+    Without ``skip_bad`` a file that does not decode raises :class:`BadImageError` (then M
+    is N and positions are 0..N-1). The encoder's training flag is restored afterwards; its
+    weights and BatchNorm buffers are not modified (eval mode uses the running statistics).
+    """
+    was_training = encoder.training
+    encoder.eval()
+    bad: list[tuple[int, str]] | None = [] if skip_bad else None
+    try:
+        rows, positions = [], []
+        for kept, x in _test_batches(source, image_size, batch_size, workers=workers, bad=bad):
+            rows.append(encoder.forward_features(x.to(device)).float().cpu())
+            positions.append(kept)
+        dim = _feature_dim(encoder)
+        h = torch.cat(rows) if rows else torch.empty(0, dim)
+        kept_positions = torch.cat(positions) if positions else torch.empty(0, dtype=torch.int64)
+        return h, kept_positions, bad or []
+    finally:
+        encoder.train(was_training)
+
+
 def extract_features(
     encoder: nn.Module,
     source: Source,
@@ -107,22 +227,57 @@ def extract_features(
     image_size: int,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    workers: int = 0,
 ) -> torch.Tensor:
-    """h for every image, computed by the encoder in eval mode; returns (N, D) float32 on CPU.
+    """h for every image (N, D) float32 on CPU; see :func:`compute_features`.
 
-    The encoder's training flag is restored afterwards; its weights and BatchNorm buffers are
-    not modified (eval mode uses the running statistics without updating them).
+    Raises:
+        BadImageError: a file that does not decode (:func:`readable_features` leaves such
+            files out instead).
     """
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        chunks = [
-            encoder.forward_features(x.to(device)).float().cpu()
-            for x in _test_batches(source, image_size, batch_size)
-        ]
-        return torch.cat(chunks)
-    finally:
-        encoder.train(was_training)
+    return compute_features(
+        encoder, source, image_size=image_size, batch_size=batch_size, device=device,
+        workers=workers,
+    )[0]
+
+
+def readable_features(
+    encoder: nn.Module,
+    source: Source,
+    *,
+    image_size: int,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    max_bad_fraction: float = 1.0,
+) -> tuple[torch.Tensor, Source]:
+    """h of every image that decodes, and the source without those that do not.
+
+    Evaluation finds bad files while it computes the first features; the protocols after it
+    then run on the returned source, whose labels match the rows. Each bad file gets one
+    :class:`~simclrkit.imagefiles.BadImageWarning`.
+
+    Raises:
+        ConfigError: more than ``max_bad_fraction`` of the images did not decode.
+    """
+    h, positions, bad = compute_features(
+        encoder, source, image_size=image_size, batch_size=batch_size, device=device,
+        workers=workers, skip_bad=True,
+    )
+    if not bad:
+        return h, source
+    for index, reason in bad:
+        warnings.warn(f"skipping image {source.path(index)}: {reason}", BadImageWarning,
+                      stacklevel=2)  # fmt: skip
+    if len(bad) > max_bad_fraction * len(source):
+        named = "; ".join(f"{source.path(i)}: {r}" for i, r in bad[:5])
+        raise ConfigError(
+            f"data.max_bad_fraction: {len(bad)} of {len(source)} images of {source.name}/"
+            f"{source.split} ({len(bad) / len(source):.2%}) could not be decoded, more than the "
+            f"allowed {max_bad_fraction:.2%} ({named}); fix or remove them, or raise "
+            "data.max_bad_fraction"
+        )
+    return h, select_images(source, positions.numpy())
 
 
 def raw_pixel_features(source: Source, *, image_size: int, max_size: int = 32) -> torch.Tensor:
@@ -132,7 +287,7 @@ def raw_pixel_features(source: Source, *, image_size: int, max_size: int = 32) -
     images (224 px would give 150,528 dimensions).
     """
     size = min(image_size, max_size)
-    return torch.cat([x.flatten(1) for x in _test_batches(source, size, 512)])
+    return torch.cat([x.flatten(1) for _, x in _test_batches(source, size, 512)])
 
 
 @torch.no_grad()
@@ -156,7 +311,7 @@ def recalibrate_batchnorm(
         module.reset_running_stats()
         module.momentum = None  # cumulative moving average: the exact mean over all batches
     encoder.train()
-    for x in _test_batches(source, image_size, batch_size):
+    for _, x in _test_batches(source, image_size, batch_size):
         encoder.forward_features(x.to(device))
     for module, momentum in zip(norms, momenta):
         module.momentum = momentum
@@ -207,6 +362,7 @@ def logistic_regression_probe(
     *,
     seed: int = 0,
     c_grid: Sequence[float] = C_GRID,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Multinomial logistic regression on standardised features; C chosen on held-out data.
 
@@ -219,15 +375,19 @@ def logistic_regression_probe(
         train_labels, test_labels: (N,) and (M,) integer class labels.
         seed: the held-out split's randomness.
         c_grid: inverse regularisation strengths to try.
+        deadline: a ``time.perf_counter()`` value to finish by (None: no limit). The cost of
+            an iteration is estimated first (:func:`iteration_seconds`); the iteration cap,
+            then the grid (C = 1 alone) are cut so that the fits end in time.
 
     Returns:
         ``top1``, ``top5`` (fractions), the chosen ``C``, ``validation_top1`` per C,
-        ``converged`` (whether every L-BFGS run met its tolerance) and ``predictions``
-        ((M,) int64 numpy array; remove it before serialising).
+        ``converged`` (whether every L-BFGS run met its tolerance), ``notes`` (what a deadline
+        cut) and ``predictions`` ((M,) int64 numpy array; remove it before serialising).
     """
     with few_threads(np.size(train_features) * len(np.unique(train_labels))):
         return _logistic_regression_probe(
-            train_features, train_labels, test_features, test_labels, seed=seed, c_grid=c_grid
+            train_features, train_labels, test_features, test_labels, seed=seed, c_grid=c_grid,
+            deadline=deadline,
         )
 
 
@@ -239,6 +399,7 @@ def _logistic_regression_probe(
     *,
     seed: int,
     c_grid: Sequence[float],
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -265,18 +426,32 @@ def _logistic_regression_probe(
     # A stratified split needs two members per class; with fewer, C cannot be chosen fairly.
     can_select = counts.min() >= 2 and len(train_labels) * 0.2 >= len(classes)
     validation: dict[float, float] = {}
+    max_iter, notes = 1000, []
+    if deadline is not None:
+        per_iteration = iteration_seconds(*train_x.shape, len(classes))
+        grid_fits = 0.8 * len(c_grid) if can_select and len(c_grid) > 1 else 0.0
+        remaining = max(0.0, deadline - time.perf_counter())
+        if per_iteration * max_iter * (grid_fits + 1) > remaining:
+            max_iter = int(remaining / (per_iteration * (grid_fits + 1)))
+            if max_iter < 100 and grid_fits:
+                can_select, grid_fits = False, 0.0
+                notes.append("C grid skipped (C = 1) to fit the time budget")
+                max_iter = int(remaining / per_iteration)
+            max_iter = max(10, min(1000, max_iter))
+            if max_iter < 1000:
+                notes.append(f"L-BFGS capped at {max_iter} iterations to fit the time budget")
     if can_select and len(c_grid) > 1:
         fit_x, val_x, fit_y, val_y = train_test_split(
             train_x, train_labels, test_size=0.2, random_state=seed, stratify=train_labels
         )
-        model = LogisticRegression(max_iter=1000, tol=1e-4, warm_start=True)
+        model = LogisticRegression(max_iter=max_iter, tol=1e-4, warm_start=True)
         for c in sorted(c_grid):
             validation[c] = fit(model.set_params(C=c), fit_x, fit_y).score(val_x, val_y)
         # Ties go to the stronger regularisation (smaller C).
         best_c = max(validation, key=lambda c: (validation[c], -c))
     else:
         best_c = 1.0 if 1.0 in c_grid or not c_grid else float(np.median(c_grid))
-    final = fit(LogisticRegression(C=best_c, max_iter=1000, tol=1e-4), train_x, train_labels)
+    final = fit(LogisticRegression(C=best_c, max_iter=max_iter, tol=1e-4), train_x, train_labels)
     # Columns of predict_proba follow model.classes_; scatter them into all label values so
     # a class missing from the training split simply never wins.
     probabilities = final.predict_proba(test_x)
@@ -290,8 +465,22 @@ def _logistic_regression_probe(
         "C": float(best_c),
         "validation_top1": {str(c): float(v) for c, v in validation.items()},
         "converged": bool(converged),
+        "notes": notes,
         "predictions": scores.argmax(dim=1).numpy(),
     }
+
+
+def iteration_seconds(num_samples: int, num_features: int, num_classes: int) -> float:
+    """Seconds one L-BFGS iteration of multinomial logistic regression takes, about: four
+    products of the (n x d) features with a (d x classes) matrix, timed here in float64."""
+    rows = min(num_samples, 4096)
+    x = np.random.default_rng(0).standard_normal((rows, num_features))
+    w = np.zeros((num_features, max(num_classes, 2)))
+    tick = time.perf_counter()
+    for _ in range(2):
+        x @ w
+    per_product = (time.perf_counter() - tick) / 2 * (num_samples / rows)
+    return 4 * per_product + 1e-6 * math.log2(max(num_samples, 2))
 
 
 def linear_sgd_probe(
@@ -511,72 +700,3 @@ class OnlineProbe(nn.Module):
         loss = F.cross_entropy(logits, labels)
         correct = (logits.detach().argmax(dim=1) == labels).sum()
         return loss, correct
-
-
-# --------------------------------------------------------------------------------------
-# The quick report run after pretraining
-# --------------------------------------------------------------------------------------
-
-
-def linear_probe_report(
-    encoder: nn.Module,
-    make_random_encoder: Callable[[], nn.Module] | None,
-    config: Any,
-    *,
-    image_size: int,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    quiet: bool = False,
-) -> dict[str, float]:
-    """Linear-probe (L-BFGS) and kNN accuracy of ``encoder`` and of a randomly initialised twin.
-
-    Args:
-        encoder: the pretrained encoder (frozen here).
-        make_random_encoder: builds the same architecture at random initialisation, or None.
-            Its BatchNorm statistics are measured on the training split first
-            (:func:`recalibrate_batchnorm`).
-        config: the run's config (dataset and eval batch size are read).
-        image_size: the side the encoder was trained at.
-
-    Returns:
-        ``linear_top1``, ``linear_top5``, ``linear_C``, ``knn_top1``, ``knn_top5`` and, with a
-        twin, the same with the prefix ``random_init_``; plus ``eval_seconds``. Empty when the
-        dataset has no labelled train and test splits.
-    """
-    started = time.perf_counter()
-    try:
-        train = load_run_data(config, "train")
-        test = load_run_data(config, "test")
-    except ConfigError as error:
-        if not quiet:
-            print(f"simclrkit: no linear evaluation: {error}", file=sys.stderr)
-        return {}
-    if train.labels is None or test.labels is None:
-        return {}
-    args = dict(image_size=image_size, batch_size=config.eval.batch_size, device=device)
-
-    def probe(model: nn.Module, prefix: str) -> dict[str, float]:
-        train_h = extract_features(model, train, **args)
-        test_h = extract_features(model, test, **args)
-        linear = logistic_regression_probe(
-            train_h.numpy(), train.labels.numpy(), test_h.numpy(), test.labels.numpy(), seed=seed
-        )
-        knn = knn_probe(train_h, train.labels, test_h, test.labels)
-        return {
-            f"{prefix}linear_top1": linear["top1"],
-            f"{prefix}linear_top5": linear["top5"],
-            f"{prefix}linear_C": linear["C"],
-            f"{prefix}knn_top1": knn["top1"],
-            f"{prefix}knn_top5": knn["top5"],
-        }
-
-    report = probe(encoder, "")
-    if make_random_encoder is not None and config.eval.random_init_baseline:
-        baseline_encoder = make_random_encoder().to(device)
-        recalibrate_batchnorm(baseline_encoder, train, **args)
-        report.update(probe(baseline_encoder, "random_init_"))
-    report["eval_seconds"] = time.perf_counter() - started
-    if not quiet:
-        seconds = report["eval_seconds"]
-        print(f"simclrkit: linear evaluation done in {seconds:.1f}s", file=sys.stderr)
-    return report

@@ -176,7 +176,7 @@ def finetune(
     network.eval()
     with torch.no_grad():
         batches = _test_batches(test, image_size, eval_batch_size)
-        scores = torch.cat([network(x.to(device)).float().cpu() for x in batches])
+        scores = torch.cat([network(x.to(device)).float().cpu() for _, x in batches])
     top1, top5 = top_k_accuracies(scores, test.labels)
     return {
         "top1": top1,

@@ -1,34 +1,57 @@
 """The stream of augmented training batches: item ``step`` is that step's batch.
 
-The stream is a map-style dataset indexed by the global step, not by the image. The images of
-step ``s`` are a slice of an epoch permutation drawn from ``(seed, epoch)``, and every random
-number of their views comes from ``(seed, epoch, index, view)`` (``augment.uniforms``). So:
+The stream is indexed by the global step, not by the image. The images of step ``s`` are a
+slice of an epoch permutation drawn from ``(seed, epoch)``, and every random number of their
+views comes from ``(seed, epoch, index, view)`` (``augment.uniforms``). So:
 
 * resuming at step ``k`` is just starting the sampler at ``k``: no sampler state to save;
-* any number of DataLoader workers produces identical batches (a worker computes whole steps);
+* any number of DataLoader workers produces identical batches (items are pure functions);
 * the global batch of a step is the same for any world size; rank ``r`` takes rows
   ``[r * b, (r + 1) * b)`` of it, so N processes see exactly what one process sees.
 
-Two augmentation placements share one distribution (``augment.py``):
+Two datasets feed it, with one protocol (``items_per_step`` items make a step, ``assemble``
+joins them into a :class:`Batch`):
 
-* ``loader``: views are made here, in the DataLoader (or the main process with 0 workers); the
-  batched path for in-memory images, the per-sample path for folders of any-size files;
-* ``device``: the stream returns the uint8 source batch and the training loop augments it on
-  the accelerator (``augment_on_device``), which keeps a GPU fed where CPU augmentation cannot.
+* :class:`StepBatches`, images held in memory: one item is a whole step, rendered batched;
+* :class:`~simclrkit.filebatches.FileChunks`, image files: a step is several chunks, each
+  decoded and cropped to uint8 by a worker; the colour half runs when a step is assembled.
+
+With DataLoader workers each worker computes whole items ahead of the loop; with or without
+them a thread assembles the next step while the training step runs (``prefetch``). Workers
+survive the SIGTERM a cluster sends to every process of a job: the main process checkpoints
+and then stops them itself (:func:`worker_init`).
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simclrkit.augment import SimCLRAugment
-from simclrkit.data import ImageArray, ImageFiles
+from simclrkit.data import ImageArray
+
+
+class Batch(NamedTuple):
+    """One step's batch on this process.
+
+    Attributes:
+        indices: (B,) int64 dataset indices of the images.
+        views: (2B, C, S, S) float32: the first view of every image, then every second view.
+        reads: image files read for it (0 for images held in memory).
+        bad: (dataset index, reason) of each file read that failed and was replaced.
+    """
+
+    indices: torch.Tensor
+    views: torch.Tensor
+    reads: int = 0
+    bad: Sequence[tuple[int, str]] = ()
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
@@ -37,8 +60,32 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=generator)
 
 
+class EpochOrder:
+    """Which images each step takes: slices of the epoch permutations, the last one cached.
+
+    ImageNet: a permutation of 1.28M is 10 MB and ~20 ms to draw, once per epoch per process.
+    """
+
+    def __init__(self, seed: int, steps_per_epoch: int, num_examples: int) -> None:
+        self.seed, self.steps_per_epoch, self.num_examples = seed, steps_per_epoch, num_examples
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def rank_indices(
+        self, step: int, global_batch_size: int, rank: int, batch_size_per_device: int
+    ) -> tuple[int, torch.Tensor]:
+        """(epoch, this rank's dataset indices) of a step."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, epoch_order(self.seed, epoch, self.num_examples))
+        start = position * global_batch_size + rank * batch_size_per_device
+        return epoch, self._cached[1][start : start + batch_size_per_device]
+
+
 class StepBatches(Dataset):
-    """Item ``step`` -> (indices, view1, view2) or, on-device mode, (indices, uint8 images).
+    """Item ``step`` -> that step's :class:`Batch`, for images held in memory.
 
     Args:
         source: the pretraining images.
@@ -47,12 +94,13 @@ class StepBatches(Dataset):
         global_batch_size: images per step over all processes.
         steps_per_epoch: full batches per epoch (the last partial batch is dropped).
         rank, world_size: this process's share of each global batch.
-        on_device: return raw uint8 batches for the training loop to augment.
     """
+
+    items_per_step = 1
 
     def __init__(
         self,
-        source: ImageArray | ImageFiles,
+        source: ImageArray,
         augment: SimCLRAugment,
         *,
         seed: int,
@@ -60,77 +108,80 @@ class StepBatches(Dataset):
         steps_per_epoch: int,
         rank: int = 0,
         world_size: int = 1,
-        on_device: bool = False,
     ) -> None:
-        if on_device and not isinstance(source, ImageArray):
-            raise ValueError("on-device augmentation needs same-size images held in memory")
         self.source = source
         self.augment = augment
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.batch_size_per_device = global_batch_size // world_size
-        self.steps_per_epoch = steps_per_epoch
         self.rank = rank
-        self.on_device = on_device
-        self._order: tuple[int, torch.Tensor] | None = None
+        self.order = EpochOrder(seed, steps_per_epoch, len(source))
 
     def indices(self, step: int) -> tuple[int, torch.Tensor]:
         """(epoch, this rank's dataset indices) of a step."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.seed, epoch, len(self.source)))
-        start = position * self.global_batch_size + self.rank * self.batch_size_per_device
-        return epoch, self._order[1][start : start + self.batch_size_per_device]
+        return self.order.rank_indices(
+            step, self.global_batch_size, self.rank, self.batch_size_per_device
+        )
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, step: int) -> Batch:
         epoch, indices = self.indices(step)
-        if isinstance(self.source, ImageArray):
-            images = self.source.images[indices]
-            if self.on_device:
-                return indices, images
-            view1, view2 = self.augment.views(images, self.seed, epoch, indices)
-            return indices, view1, view2
-        pairs = [
-            self.augment(self.source.read(int(i)), self.seed, epoch, int(i)) for i in indices
-        ]
-        return indices, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        images = self.source.images[indices]
+        size, batch = self.augment.output_size, len(indices)
+        views = torch.empty(2 * batch, images.shape[1], size, size)
+        for view, out in enumerate((views[:batch], views[batch:])):
+            params = self.augment.sample_params(self.seed, epoch, indices, view, *images.shape[-2:])
+            self.augment.apply(images, params, out=out)
+        return Batch(indices, views)
+
+    @staticmethod
+    def assemble(items: list[Batch]) -> Batch:
+        return items[0]
 
 
 def batch_stream(
-    batches: StepBatches,
+    batches: Any,
     start_step: int,
     total_steps: int,
     *,
     num_workers: int = 0,
     pin_memory: bool = False,
     prefetch: bool = True,
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yields the items of steps ``start_step .. total_steps - 1`` in order.
+) -> Iterator[Any]:
+    """Yields the batches of steps ``start_step .. total_steps - 1`` in order.
 
-    With workers, each computes whole steps ahead of the training loop (prefetching); the
-    order and content do not depend on the number of workers. Without workers and with
-    ``prefetch``, a background thread of this process computes the next step's item while the
-    caller trains on the current one (the augmentation kernels release the GIL). Close the
-    generator (``contextlib.closing``) to stop that thread when leaving early.
+    ``batches`` is a :class:`StepBatches`, a :class:`~simclrkit.filebatches.FileChunks` or any
+    map-style dataset of whole steps (``items_per_step`` 1 and ``assemble`` default to that).
+    With workers, each computes whole items ahead of the training loop; the order and content
+    do not depend on the number of workers. With ``prefetch``, a background thread of this
+    process assembles the next step while the caller trains on the current one (the
+    augmentation kernels release the GIL). Close the generator (``contextlib.closing``) to
+    stop that thread and the workers when leaving early.
     """
+    per_step = getattr(batches, "items_per_step", 1)
     loader = DataLoader(
         batches,
         batch_size=None,
-        sampler=range(start_step, total_steps),
+        sampler=range(start_step * per_step, total_steps * per_step),
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
-        # Each worker needs few threads: the views are small tensors and the main process's
-        # compute threads must not be starved.
-        worker_init_fn=_single_thread_worker if num_workers else None,
+        worker_init_fn=worker_init if num_workers else None,
         # Its own generator: the loader's worker seeds would otherwise be drawn from the
         # global RNG, whose saved state must not depend on how often a run was resumed.
         generator=torch.Generator().manual_seed(batches.seed),
     )
-    if num_workers or not prefetch:
-        yield from loader
+    assemble = getattr(batches, "assemble", None)
+
+    def steps() -> Iterator[Any]:
+        items = iter(loader)
+        for _ in range(start_step, total_steps):
+            group = [next(items) for _ in range(per_step)]
+            yield assemble(group) if assemble is not None else group[0]
+
+    if not prefetch:
+        yield from steps()
         return
-    ahead = _Prefetcher(iter(loader))
+    ahead = _Prefetcher(steps())
     try:
         yield from ahead
     finally:
@@ -152,6 +203,7 @@ class _Prefetcher:
     def __init__(self, items: Iterator[Any]) -> None:
         self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
+        self._items = items
         self._thread = threading.Thread(
             target=self._produce, args=(items,), name="simclrkit-prefetch", daemon=True
         )
@@ -189,10 +241,57 @@ class _Prefetcher:
         return item
 
     def close(self) -> None:
-        """Stops the thread (it may be computing one item, which is dropped)."""
+        """Stops the thread (it may be computing one item, which is dropped), then the
+        generator it drew from, which shuts the DataLoader's workers down."""
         self._stop.set()
         self._thread.join()
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
 
 
-def _single_thread_worker(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """A DataLoader worker: one compute thread, and the first SIGTERM or SIGINT ignored.
+
+    Each worker needs few threads: the views are small tensors and the main process's compute
+    threads must not be starved. The signals: SLURM (``--signal=TERM@...``) and a terminal's
+    Ctrl-C signal every process of the job, workers included. A worker that died of it would
+    take the run down before the main process could checkpoint (DataLoader turns a dead worker
+    into an error); so a worker ignores the first one and goes on serving batches until the
+    main process, which has checkpointed meanwhile, shuts it down the usual way. A second
+    signal (DataLoader's own ``terminate`` of a worker that did not stop in time, or a user
+    insisting) ends it as the signal would have.
+    """
     torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _ignore_first_signal)
+
+
+def _ignore_first_signal(signum: int, frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # the next one acts as if nothing had been set
+    if signum == signal.SIGINT:
+        signal.signal(signum, signal.default_int_handler)
+
+
+def auto_workers(setting: int | str, *, in_memory: bool, device_type: str) -> int:
+    """``data.num_workers``: a number as given, or ``auto``.
+
+    ``auto``: 0 for images held in memory (a thread renders them; workers would copy them);
+    for files, what decoding needs next to the training step: on an accelerator every core of
+    this process's share but two (one for the training loop, one for the prefetch thread), up
+    to 16; on the CPU, where the training step itself uses the cores, half of them, up to 4.
+    A process's share is its cores divided by the processes on the machine (torchrun's
+    ``LOCAL_WORLD_SIZE``).
+    """
+    if setting != "auto":
+        return int(setting)
+    if in_memory:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if device_type == "cpu":
+        return max(1, min(4, share // 2))
+    return max(1, min(16, share - 2))

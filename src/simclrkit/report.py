@@ -10,6 +10,7 @@ resumed run's records for the same steps (the last record of a step wins).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,7 @@ def preview_augmentations(
     """
     from simclrkit.augment import default_blur
     from simclrkit.config import ConfigError
-    from simclrkit.data import load_run_data
+    from simclrkit.data import BadImageError, BadImageWarning, load_run_data
     from simclrkit.pipeline import epoch_order
     from simclrkit.train import build_augment
 
@@ -197,8 +198,19 @@ def preview_augmentations(
     if image_size is None:
         raise ConfigError("data.image_size: images of a folder vary in size; set it, e.g. 224")
     blur = config.augment.blur if config.augment.blur is not None else default_blur(image_size)
-    indices = epoch_order(config.seed, 0, len(source))[:num_images].tolist()
+    images, indices = [], []
+    for index in epoch_order(config.seed, 0, len(source)).tolist():
+        if len(images) == num_images:
+            break
+        try:
+            images.append(source.read(index))
+        except BadImageError as error:  # shown as training would: skipped, with a warning
+            warnings.warn(f"skipping image {error}", BadImageWarning, stacklevel=2)
+            continue
+        indices.append(index)
+    if not images:
+        raise ConfigError("data.root: none of the images could be decoded")
     return augmentation_grid(
-        [source.read(i) for i in indices], indices, build_augment(config, image_size, blur), out,
+        images, indices, build_augment(config, image_size, blur), out,
         seed=config.seed, num_views=num_views,
     )

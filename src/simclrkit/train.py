@@ -48,13 +48,16 @@ import torch
 from simclrkit import config as config_lib
 from simclrkit import distributed
 from simclrkit.augment import SimCLRAugment
+from simclrkit.badfiles import BadFileLedger
 from simclrkit.checkpoint import CheckpointManager, load_checkpoint
 from simclrkit.config import Config, ConfigError, Plan
-from simclrkit.data import dataset_summary, load_run_data
+from simclrkit.data import ImageArray, ImageFiles, dataset_summary
+from simclrkit.filebatches import FileChunks
 from simclrkit.losses import NTXentLoss
 from simclrkit.models import ProjectionHead, SimCLR, build_encoder
 from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
-from simclrkit.pipeline import StepBatches, batch_stream
+from simclrkit.pipeline import StepBatches, auto_workers, batch_stream
+from simclrkit.rundata import prepare_train_data
 from simclrkit.step import (
     _all_finite,
     _autocast_factory,
@@ -66,10 +69,13 @@ from simclrkit.step import (
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process stopped by SIGTERM
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
+# (Which images a run trains on is checked by the data's fingerprint, not by these keys.)
 _RESUME_MAY_CHANGE = {
     "data.num_workers",
     "data.prefetch",
     "data.max_bad_fraction",
+    "data.index",
+    "data.check_files",
     "train.device",
     "train.checkpoint_every",
     "train.keep_last",
@@ -78,6 +84,14 @@ _RESUME_MAY_CHANGE = {
     "train.compile",
     "train.collective_timeout",
     "recipe",
+    # what runs after training, not the training itself
+    "eval.linear",
+    "eval.random_init_baseline",
+    "eval.batch_size",
+    "eval.max_share",
+    "eval.min_seconds",
+    "eval.max_train_images",
+    "eval.max_test_images",
 }
 
 
@@ -271,6 +285,22 @@ class _RunLog:
             self.tensorboard.close()
 
 
+def _step_source(
+    train_data: ImageArray | ImageFiles,
+    augment: SimCLRAugment,
+    config: Config,
+    plan: Plan,
+    info: distributed.DistInfo,
+) -> StepBatches | FileChunks:
+    """The step-indexed dataset behind the batch stream: whole steps for images in memory,
+    uint8 chunks of steps for files (``filebatches.py``)."""
+    kind = FileChunks if isinstance(train_data, ImageFiles) else StepBatches
+    return kind(
+        train_data, augment, seed=config.seed, global_batch_size=plan.global_batch_size,
+        steps_per_epoch=plan.steps_per_epoch, rank=info.rank, world_size=info.world_size,
+    )
+
+
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
@@ -351,7 +381,7 @@ def _pretrain(
 ) -> dict[str, Any]:
     import yaml
 
-    from simclrkit.evaluate import linear_probe_report
+    from simclrkit.runeval import evaluate_run
     from simclrkit.report import write_report
 
     precision = resolve_precision(config.train.precision, device)
@@ -389,7 +419,10 @@ def _pretrain(
                 f"result ({'; '.join(changed)}); pass --force to resume anyway"
             )
 
-    train_data = load_run_data(config, "pretrain", quiet=quiet)
+    train_data, data_record = prepare_train_data(
+        config, run_dir, state.get("data") if state else None, resuming=state is not None,
+        force=force, info=info, quiet=quiet,
+    )
     plan = config_lib.resolve(
         config,
         num_examples=len(train_data),
@@ -451,15 +484,13 @@ def _pretrain(
         temperature=config.loss.temperature, chunk_size=config.loss.chunk_size, gather=gather
     )
     augment = build_augment(config, plan.image_size, plan.blur)
-    batches = StepBatches(
-        train_data,
-        augment,
-        seed=config.seed,
-        global_batch_size=plan.global_batch_size,
-        steps_per_epoch=plan.steps_per_epoch,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
+    batches = _step_source(train_data, augment, config, plan, info)
+    ledger = BadFileLedger(
+        config.data.max_bad_fraction, len(train_data),
+        train_data.path if isinstance(train_data, ImageFiles) else str,
+        list_path=run_dir / "bad_files.txt", is_main=main,
+        state=state.get("bad_files") if state else None,
+    )  # fmt: skip
     log = _RunLog(run_dir, main, resumed_at=start_step if state else None)
     log.write({"event": "resume" if state else "start", "step": start_step, "time": time.time()})
 
@@ -481,6 +512,8 @@ def _pretrain(
                 "train_seconds": train_seconds + (time.perf_counter() - window_start),
                 "world_size": info.world_size,
                 "launch_id": launch_id,
+                "data": data_record,
+                "bad_files": ledger.state_dict(),
                 **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             step,
@@ -490,14 +523,18 @@ def _pretrain(
     model.train()
     window_start, window_images = time.perf_counter(), 0
     last_record: dict[str, Any] | None = None
+    workers = auto_workers(
+        config.data.num_workers, in_memory=isinstance(train_data, ImageArray),
+        device_type=device.type,
+    )
     stream = batch_stream(
-        batches, start_step, plan.total_steps, num_workers=config.data.num_workers,
-        prefetch=config.data.prefetch,
+        batches, start_step, plan.total_steps, num_workers=workers, prefetch=config.data.prefetch
     )
     with _StopRequests() as stop, contextlib.closing(stream):
         for step in range(start_step, plan.total_steps):
-            indices, view1, view2 = next(stream)
-            views = torch.cat([view1, view2]).to(device, non_blocking=True)
+            batch = next(stream)
+            ledger.add(batch.reads, batch.bad)
+            views = batch.views.to(device, non_blocking=True)
             views = views.contiguous(memory_format=memory_format)
 
             lr = schedule.apply(optimizer, step)
@@ -527,7 +564,13 @@ def _pretrain(
             done = step + 1
             window_images += plan.global_batch_size
             record = None
-            if done % config.train.log_every == 0 or done == plan.total_steps:
+            log_now = done % config.train.log_every == 0 or done == plan.total_steps
+            save_now = done % config.train.checkpoint_every == 0 or done == plan.total_steps
+            # A signal may have reached only some processes: all stop at this same step.
+            stopping = distributed.all_reduce_any(stop.signal_name is not None)
+            if log_now or save_now or stopping:
+                ledger.sync()  # the bad-file counts of every process, before they are saved
+            if log_now:
                 now = time.perf_counter()
                 train_seconds += now - window_start
                 record = {
@@ -538,6 +581,7 @@ def _pretrain(
                     "lr": lr,
                     "images_per_second": window_images / max(now - window_start, 1e-9),
                     "skipped_steps": skipped_steps,
+                    **({"bad_files": len(ledger.bad)} if ledger.reads else {}),
                 }
                 log.write(
                     record, ("loss", "contrastive_acc", "lr", "images_per_second"), "train/"
@@ -545,15 +589,14 @@ def _pretrain(
                 last_record = record
                 window_start, window_images = time.perf_counter(), 0
             progress.step(done, record)
-            # A signal may have reached only some processes: all stop at this same step.
-            if distributed.all_reduce_any(stop.signal_name is not None):
+            if stopping:
                 save(done)
                 progress.close()
                 log.write({"event": "preempted", "step": done, "time": time.time()})
                 log.close()
                 distributed.barrier()  # nobody exits before the checkpoint is complete
                 raise Preempted(done, stop.signal_name or "a signal to another process")
-            if done % config.train.checkpoint_every == 0 or done == plan.total_steps:
+            if save_now:
                 save(done)
     progress.close()
     distributed.barrier()  # the last checkpoint is written before any process leaves
@@ -570,13 +613,11 @@ def _pretrain(
         "images_per_second": (plan.total_steps - start_step)
         * plan.global_batch_size
         / max(train_seconds - (state or {}).get("train_seconds", 0.0), 1e-9),
-        "data": dataset_summary(train_data),
+        "data": {**dataset_summary(train_data), **ledger.summary()},
         "plan": asdict(plan),
         "resumed_from_step": start_step if state else None,
         "rank": info.rank,
     }
-    if not main:
-        return summary
     if config.eval.linear and train_data.labels is None and not quiet:
         print("simclrkit: no linear evaluation: the pretraining images have no labels",
               file=sys.stderr)
@@ -585,21 +626,25 @@ def _pretrain(
             torch.manual_seed(config.seed)  # the exact weights this run started from
             return build_model(arch).encoder
 
+        # A plain-BatchNorm copy under several processes: every one extracts features of its
+        # own share, and SyncBatchNorm must never wait for the others there.
         encoder = model.encoder
         if info.world_size > 1:
-            # A plain-BatchNorm copy: rank 0 evaluates alone, SyncBatchNorm must not wait for
-            # the others if an evaluation ever runs it in training mode.
             encoder = build_model(arch).encoder.to(device)
             encoder.load_state_dict(model.encoder.state_dict())
-        summary["eval"] = linear_probe_report(
+        summary["eval"] = evaluate_run(
             encoder, random_encoder, config, image_size=plan.image_size, device=device,
-            seed=config.seed, quiet=quiet,
+            train_seconds=train_seconds, info=info, workers=workers, seed=config.seed,
+            quiet=quiet,
         )
-        log.write(
-            {"event": "eval", "step": plan.total_steps, **summary["eval"]},
-            tuple(k for k, v in summary["eval"].items() if isinstance(v, float)),
-            "eval/",
-        )
+        if summary["eval"]:
+            log.write(
+                {"event": "eval", "step": plan.total_steps, **summary["eval"]},
+                tuple(k for k, v in summary["eval"].items() if isinstance(v, float)),
+                "eval/",
+            )
+    if not main:
+        return summary
     log.close()
     summary["wall_seconds"] = time.perf_counter() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
