@@ -87,3 +87,32 @@ def smooth_images(batch: int, size: int, channels: int = 3, seed: int = 0) -> to
     image = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     image = image + 0.15 * torch.rand(batch, channels, size, size, generator=generator)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def write_jpeg_tree(
+    root: Path, *, classes: int = 2, per_class: int = 12, test_per_class: int = 0,
+    size: tuple[int, int] = (64, 48), seed: int = 0,
+) -> list[Path]:
+    """An imagefolder of real JPEGs (ROOT/train/<class>/..., ROOT/test/... when asked) with
+    smooth content and sizes around ``size``; returns the training files, sorted."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    written = []
+    splits = [("train", per_class)] + ([("test", test_per_class)] if test_per_class else [])
+    for split, count in splits:
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                width = size[0] + 4 * (i % 3)
+                height = size[1] + 4 * (i % 2)
+                coarse = torch.rand(3, 4, 5, generator=generator) * 0.6 + 0.4 * (c / classes)
+                image = F.interpolate(coarse[None], size=(height, width), mode="bilinear",
+                                      align_corners=False)[0]
+                pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+                path = folder / f"{i:03d}.jpg"
+                Image.fromarray(pixels.numpy()).save(path, quality=90)
+                if split == "train":
+                    written.append(path)
+    return sorted(written)

@@ -178,7 +178,8 @@ def _pack(args: argparse.Namespace) -> int:
             f"{Path(args.out) / f'{split}.skipped.txt'})" if result["skipped"] else ""
         )
         print(
-            f"packed {split}: {result['samples']:,} images into {result['shards']} shards "
+            f"packed {split}: {result['samples']:,} images into {result['shards']} "
+            f"shard{'s' if result['shards'] != 1 else ''} "
             f"({result['bytes'] / 1e6:.1f} MB) in {result['seconds']:.1f}s{skipped}"
         )
     print(f"train on them with: simclrkit pretrain data.dataset=shards data.root={args.out} ...")
@@ -186,7 +187,14 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE overrides may also follow the options (`pretrain --resume train.epochs=3`),
+    # which argparse alone refuses once an option has ended the positional run.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     # Imports stay inside main so `simclrkit --help` is instant.
     from simclrkit.checkpoint import CheckpointError
     from simclrkit.config import ConfigError, list_recipes, load_config

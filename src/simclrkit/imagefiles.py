@@ -296,7 +296,7 @@ def _reason(error: BaseException) -> str:
         return "no such file"
     if isinstance(error, UnidentifiedImageError):
         return "not an image in a known format (unknown or damaged header)"
-    if isinstance(error, OSError) and "truncated" in str(error):
+    if isinstance(error, OSError) and "truncated" in str(error).lower():
         return f"truncated: {error}"
     return f"cannot decode: {type(error).__name__}: {error}"
 

@@ -35,7 +35,7 @@ from PIL import Image
 from simclrkit.config import ConfigError
 from simclrkit.imagefiles import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, decode_bytes
 from simclrkit.index import DataIndex, build_index, index_from_names
-from simclrkit.shards import packed_index_path, split_prefixes
+from simclrkit.shards import packed_index_path, shard_tail, split_prefixes
 
 PACKABLE = ("folder", "imagefolder", "filelist")
 
@@ -91,6 +91,7 @@ class _ShardWriter:
         self.out, self.split, self.limit = out, split, samples_per_shard
         self.files: list[str] = []
         self.sizes: list[int] = []
+        self.tails: list[list] = []
         self._tar: tarfile.TarFile | None = None
         self._count = 0
 
@@ -124,6 +125,7 @@ class _ShardWriter:
         final = self.out / name
         os.replace(self.out / f".tmp-{name}", final)
         self.sizes.append(final.stat().st_size)
+        self.tails.append(shard_tail(final))
         self._tar = None
 
     def finish(self) -> None:
@@ -251,6 +253,6 @@ def _pack_split(
         start=start.astype(np.int64), size=size.astype(np.int64),
     )
     index.meta.update(
-        shard_sizes=writer.sizes, source=str(source.root), max_side=max_side, quality=quality
+        shard_tails=writer.tails, source=str(source.root), max_side=max_side, quality=quality
     )
     return index, skipped, writer

@@ -12,7 +12,8 @@ Layout of a shard folder (``simclrkit pack`` writes it; any WebDataset shards wo
 ``ROOT/train-000000.tar ...`` and ``ROOT/test-000000.tar ...`` (``val-`` is accepted for the test
 split; a folder of ``*.tar`` without split prefixes is the train split), and optionally
 ``ROOT/train.index.npz``, the index ``pack`` wrote, used as long as the shard files still have
-the sizes it recorded. Without it the shards' tar headers are scanned (each header is read and
+the sizes and the last 10 KiB it recorded (a copy of the folder keeps it valid; a shard that
+was rewritten or appended to does not). Without it the shards' tar headers are scanned (each header is read and
 the data skipped: about 0.1 s per 10,000 samples on a local disk), and ``ROOT/classes.txt``,
 one class name per line, names the labels if present.
 
@@ -86,12 +87,24 @@ def index_shards(root: Path, split: str) -> DataIndex:
     written = packed_index_path(root, split)
     if written.is_file():
         index = load_index(written, key="data.root")
-        sizes = [os.path.getsize(p) for p in files]
         if index.shard_files == tuple(p.name for p in files) and index.meta.get(
-            "shard_sizes"
-        ) == sizes:
+            "shard_tails"
+        ) == [shard_tail(p) for p in files]:
             return _rooted(index, root)
     return scan_shards(root, split, files)
+
+
+_TAIL_BYTES = 10240  # one tar record: an append or a rewrite changes it
+
+
+def shard_tail(path: Path) -> list:
+    """[size, SHA-256 of the last 10 KiB]: what tells a shard from its rewritten self, cheaply."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - _TAIL_BYTES))
+        return [size, hashlib.sha256(handle.read()).hexdigest()]
 
 
 def _rooted(index: DataIndex, root: Path) -> DataIndex:

@@ -157,3 +157,27 @@ def test_a_killed_rank_without_restarts_fails_promptly(tmp_path):
     assert process.returncode != 0
     assert time.monotonic() - killed < 90
     assert "SIGKILL" in err
+
+
+def test_two_processes_equal_one_process_on_an_image_folder_with_its_evaluation(tmp_path):
+    """Files: one index for both ranks, each reading its half of every step; the end-of-run
+    evaluation computes features on both ranks and reports what one process reports."""
+    from conftest import write_jpeg_tree
+
+    write_jpeg_tree(tmp_path / "photos", classes=2, per_class=16, test_per_class=4,
+                    size=(48, 40))  # fmt: skip
+    folder = [
+        "data.dataset=imagefolder", f"data.root={tmp_path / 'photos'}", "train.max_steps=6",
+        "train.checkpoint_every=3", "eval.linear=true", "eval.random_init_baseline=false",
+        "data.num_workers=1",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _finish(start_torchrun(two, folder), "2-process folder run")
+    _finish(start_single(one, folder), "1-process folder run")
+    assert relative_difference(load(two, 3), load(one, 3)) < 1e-5
+    assert load(two, 3)["data"] == load(one, 3)["data"]  # the same list, fingerprinted
+    assert sorted(p.name for p in two.iterdir() if p.name.endswith(".npz")) == ["data_index.npz"]
+    evaluations = [json.loads((run / "summary.json").read_text())["eval"] for run in (two, one)]
+    for key in ("eval_train_images", "eval_test_images", "knn_top1", "linear_top1"):
+        assert evaluations[0][key] == evaluations[1][key], key
+    assert evaluations[0]["eval_train_images"] == 32 and evaluations[0]["eval_test_images"] == 8
