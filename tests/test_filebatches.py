@@ -140,3 +140,20 @@ def test_an_unreadable_dataset_is_a_clear_error_not_an_endless_search(tmp_path):
 
     with pytest.raises(ConfigError, match="17 images in a row could not be read"):
         batches[0]
+
+
+def test_the_uint8_half_rounds_alike_in_the_cpu_kernels_and_the_tensor_ops(monkeypatch):
+    from simclrkit import render
+
+    images = smooth_images(6, 36)
+    augment = SimCLRAugment(output_size=20)
+    params = augment.sample_params(3, 0, torch.arange(6), 0, 36, 36)
+    kernel = augment.crop_uint8(images, params)
+    monkeypatch.setattr(render, "_CPU_KERNEL", False)
+    tensor = augment.crop_uint8(images, params)
+    float_views = augment.apply(images, {**params, "jitter": torch.zeros(6, dtype=torch.bool),
+                                         "grayscale": torch.zeros(6, dtype=torch.bool),
+                                         "blur": torch.zeros(6, dtype=torch.bool)})  # fmt: skip
+    assert kernel.dtype == tensor.dtype == torch.uint8
+    assert (kernel.int() - tensor.int()).abs().max() <= 1  # float rounding at a .5 boundary
+    assert ((float_views * 255 - kernel.float()).abs() <= 0.5 + 1e-3).all()

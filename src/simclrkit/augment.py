@@ -444,13 +444,15 @@ class SimCLRAugment:
         Returns:
             (B, C, S, S) uint8.
         """
-        off = torch.zeros(images.shape[0], dtype=torch.bool)
+        batch, channels = images.shape[:2]
+        off = torch.zeros(batch, dtype=torch.bool)
         geometric = {**params, "jitter": off, "grayscale": off, "blur": off}
-        views = _apply(
-            images, geometric, output_size=self.output_size, additive_brightness=False,
-            normalize=None, out=None,
+        size = self.output_size
+        out = torch.empty(batch, channels, size, size, dtype=torch.uint8, device=images.device)
+        return _apply(
+            images, geometric, output_size=size, additive_brightness=False, normalize=None,
+            out=out,
         )
-        return views.mul_(255).round_().to(torch.uint8)
 
     def color(
         self, views: torch.Tensor, params: Params, out: torch.Tensor | None = None

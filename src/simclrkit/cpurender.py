@@ -195,17 +195,28 @@ def _blur(image, plane, kernel, along_x):
 
 @_compiled()
 def _render_range(
-    start, stop, src, row_index, row_weight, col_index, col_weight, jitter, order,
+    start, stop, src, source, row_index, row_weight, col_index, col_weight, identity, jitter,
+    order,
     brightness, additive, contrast, saturation, hue_target, grayscale, blur, kernel,
-    mean, std, out, along_y, image, along_x,
+    mean, std, quantise, out, along_y, image, along_x,
 ):  # fmt: skip
     """Views of samples [start, stop): resize, colour ops in each sample's order, grayscale,
-    blur, normalise (``std`` <= 0 means no normalisation), written to ``out``."""
+    blur, normalise (``std`` <= 0 means no normalisation), written to ``out``. A sample whose
+    resize is the identity (``identity``: its taps are weights 0, 1, 0, 0 on the pixel itself)
+    is only scaled: the same products and sums, without the two passes. Sample ``i`` is
+    rendered from image ``source[i]`` of ``src``."""
     channels, size = out.shape[1], out.shape[2]
     for i in range(start, stop):
-        for c in range(channels):
-            _resize(src[i], row_index[i], row_weight[i], col_index[i], col_weight[i], c,
-                    along_y, image)  # fmt: skip
+        if identity[i]:
+            scale = row_weight[i, 0, 1] * col_weight[i, 0, 1]
+            for c in range(channels):
+                for y in range(size):
+                    for x in range(size):
+                        image[c, y, x] = _clip(scale * np.float32(src[source[i], c, y, x]))
+        else:
+            for c in range(channels):
+                _resize(src[source[i]], row_index[i], row_weight[i], col_index[i], col_weight[i], c,
+                        along_y, image)  # fmt: skip
         if jitter[i]:
             for slot in range(4):
                 op = order[i, slot]
@@ -227,7 +238,10 @@ def _render_range(
             s = std[c]
             for y in range(size):
                 for x in range(size):
-                    out[i, c, y, x] = (image[c, y, x] - m) / s if s > 0 else image[c, y, x]
+                    if quantise:  # uint8 output: [0, 1] -> 0..255, rounded half up
+                        out[i, c, y, x] = np.uint8(image[c, y, x] * np.float32(255) + 0.5)
+                    else:
+                        out[i, c, y, x] = (image[c, y, x] - m) / s if s > 0 else image[c, y, x]
 
 
 class _Scratch(threading.local):
@@ -258,6 +272,22 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _pool[2]
 
 
+def _identity_taps(row_taps, col_taps, height: int, width: int, size: int) -> np.ndarray:
+    """(B,) bool: samples whose taps read pixel k with weight w for output k and nothing else
+    (the colour half of the split pipeline renders views that are already the output size)."""
+    batch = row_taps[0].shape[0]
+    if (height, width) != (size, size):
+        return np.zeros(batch, dtype=np.bool_)
+    own = np.arange(size)
+    found = np.ones(batch, dtype=np.bool_)
+    for index, weight in (row_taps, col_taps):
+        found &= (index[:, :, 1] == own).all(axis=1)
+        found &= (weight[:, :, [0, 2, 3]] == 0).all(axis=(1, 2))
+        found &= (weight[:, :, 1] == weight[:, :1, 1]).all(axis=1)
+    found &= col_taps[1][:, 0, 1] == 1
+    return found
+
+
 def render(
     images: torch.Tensor,
     host: dict[str, np.ndarray],
@@ -279,7 +309,8 @@ def render(
         row_taps, col_taps: (B, S, 4) bicubic indices and weights; the uint8 scaling is folded
             into the row weights, the flip into the column taps.
         hue_target: (B, 3) channel hues for the hue op; blur_kernel: (B, 2r + 1) normalised.
-        out: contiguous float32 (B, C, S, S) CPU tensor.
+        out: contiguous float32 (B, C, S, S) CPU tensor, or uint8 (without ``normalize``):
+            the views rounded to 0..255.
 
     Returns:
         ``out``.
@@ -288,17 +319,25 @@ def render(
     size = out.shape[-1]
     if images.dtype != torch.uint8:
         images = images.float()
-    src = images.contiguous().numpy()
+    if batch > 1 and images.stride(0) == 0:
+        # Views of one image (``expand``): rendered from the single copy, not B copies of it.
+        src = images[:1].contiguous().numpy()
+        source = np.zeros(batch, dtype=np.int64)
+    else:
+        src = images.contiguous().numpy()
+        source = np.arange(batch, dtype=np.int64)
     if normalize is None:
         mean = std = np.zeros(channels, np.float32)
     else:
         mean, std = (np.broadcast_to(np.asarray(v, np.float32), channels).copy() for v in normalize)
     arguments = (
         src,
+        source,
         np.ascontiguousarray(row_taps[0], np.int64),
         np.ascontiguousarray(row_taps[1], np.float32),
         np.ascontiguousarray(col_taps[0], np.int64),
         np.ascontiguousarray(col_taps[1], np.float32),
+        _identity_taps(row_taps, col_taps, height, width, size),
         np.ascontiguousarray(host["jitter"], np.bool_),
         np.ascontiguousarray(host["order"], np.int64),
         np.ascontiguousarray(host["brightness"], np.float32),
@@ -311,6 +350,7 @@ def render(
         np.ascontiguousarray(blur_kernel, np.float32),
         mean,
         std,
+        out.dtype == torch.uint8,
         out.numpy(),
     )
 

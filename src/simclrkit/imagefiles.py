@@ -8,10 +8,12 @@ read decodes only what it needs:
 * :meth:`ImageFiles.read` decodes a whole image as (3, H, W) uint8 RGB;
 * :meth:`ImageFiles.read_reduced` reads the header first, asks the caller which size it needs
   for the crops it will take, and decodes a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8,
-  Pillow's ``draft`` over libjpeg-turbo's scaled IDCT) that still covers them. Measured on a
-  2-core EPYC (``benchmarks/data.py``): a ~0.19 MP ImageNet-size JPEG costs ~1.5 ms full,
-  and a 12 MP photo ~120 ms full, ~25-35 ms at 1/8 or 1/4 (the entropy decoding is never
-  scaled, so a reduction never costs less than about a fifth of a full decode).
+  Pillow's ``draft`` over libjpeg-turbo's scaled IDCT) that still covers them. Pillow's
+  decode alone, one thread of a 2-core EPYC (``benchmarks/data.py``): a ~500x375
+  ImageNet-size JPEG 0.8 ms; a 12 MP photo 66 ms in full, 30 ms at 1/4 and 28 ms at 1/8 (the
+  entropy decoding is never scaled, so a reduction never saves more than about half); with
+  the colour conversion and crops that follow, 12 MP photos train at 4x the images/s of a
+  full decode.
 
 Bad files (RELIABILITY.md §6, §12): zero-byte, truncated, random bytes, decompression bombs,
 unreadable files and files that vanished raise :class:`BadImageError`, whose ``reason`` says

@@ -453,13 +453,24 @@ def _apply(
     if normalize is not None and len(normalize[0]) not in (1, channels):
         raise ValueError(f"normalize has {len(normalize[0])} values for {channels}-channel images")
     shape = (batch, channels, output_size, output_size)
+    allowed = (torch.float32,) if normalize is not None else (torch.float32, torch.uint8)
     if out is not None and (
-        out.shape != shape or out.dtype != torch.float32 or out.device != images.device
+        out.shape != shape or out.dtype not in allowed or out.device != images.device
         or not out.is_contiguous()
     ):  # fmt: skip
-        raise ValueError(f"out must be a contiguous float32 {shape} tensor on {images.device}")
+        raise ValueError(
+            f"out must be a contiguous {shape} tensor on {images.device}, float32 (or uint8 "
+            "without normalisation)"
+        )
     if batch == 0:
         return out if out is not None else torch.empty(shape, device=images.device)
+    if out is not None and out.dtype == torch.uint8 and not (
+        images.device.type == "cpu" and _CPU_KERNEL
+    ):
+        # Tensor ops render in float; rounded as the CPU kernel rounds, half up.
+        rendered = _apply(images, params, output_size=output_size,
+                          additive_brightness=additive_brightness, normalize=None, out=None)
+        return out.copy_(rendered.mul_(255).add_(0.5).floor_())
     if images.device.type == "cpu" and _CPU_KERNEL:
         crop_taps = _crop_taps(host, height, width, output_size, images.dtype == torch.uint8)
         return cpurender.render(
