@@ -216,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides=args.overrides, out_dir=args.out_dir, device=args.device,
                 seed=args.seed, quiet=args.json,
             )
+            if not results:  # a torchrun process other than the main one: nothing to say
+                return 0
             if args.json:
                 for result in results:
                     print(json.dumps(result))

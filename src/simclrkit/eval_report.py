@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from simclrkit import config as config_lib
-from simclrkit import evaluate
+from simclrkit import distributed, evaluate
 from simclrkit import finetune as finetune_lib
 from simclrkit.checkpoint import load_checkpoint
 from simclrkit.config import Config, ConfigError, DataConfig
@@ -202,38 +202,50 @@ class _Subjects:
     """The networks compared ("pretrained", "random_init") and their cached features.
 
     Features are computed once and shared by the protocols that use them (L-BFGS, kNN,
-    t-SNE); "raw_pixels" are the standardised, flattened test-transform images.
+    t-SNE); "raw_pixels" are the standardised, flattened test-transform images. The pretrained
+    features come first: computing them finds the files that do not decode, and every protocol
+    after runs on the splits without them. Under several processes (``info``) the networks'
+    features are computed by all of them (``needs_twin``: the random-initialisation twin's
+    too) when the subjects are built; everything after runs on the main process alone.
     """
 
     def __init__(self, model: SimCLR, arch: dict[str, Any], run_seed: int, train: Source,
                  test: Source, *, batch_size: int, device: torch.device,
-                 max_bad_fraction: float) -> None:
+                 max_bad_fraction: float, info: distributed.DistInfo | None = None,
+                 needs_twin: bool = False) -> None:  # fmt: skip
         self.model, self.arch, self.run_seed = model, arch, run_seed
-        self.train, self.test = train, test
-        self.max_bad_fraction = max_bad_fraction
+        self.info = info or distributed.DistInfo()
         self.feature_args = dict(image_size=arch["image_size"], batch_size=batch_size,
-                                 device=device)
-        # The pretrained features come first: computing them finds the files that do not
-        # decode, and every protocol after runs on the splits without them.
+                                 device=device)  # fmt: skip
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        readable = [
-            evaluate.readable_features(model.encoder, split, max_bad_fraction=max_bad_fraction,
-                                       **self.feature_args)
-            for split in (train, test)
-        ]
-        (train_h, self.train), (test_h, self.test) = readable
+        splits = []
+        for split in (train, test):
+            h, readable = evaluate.readable_features(
+                model.encoder, split, max_bad_fraction=max_bad_fraction, info=self.info,
+                **self.feature_args,
+            )
+            splits.append((h, readable))
+        (train_h, self.train), (test_h, self.test) = splits
         self._features["pretrained"] = (train_h, test_h)
         self._twin: SimCLR | None = None
+        if needs_twin and self.info.world_size > 1:
+            self.features("random_init")
 
     def network(self, name: str) -> SimCLR:
         if name == "pretrained":
             return self.model
         if self._twin is None:
             # The exact weights the run started from (train.py seeds before building), with
-            # BN statistics measured on the training split (not the placeholder 0 / 1).
+            # BN statistics measured on the training split (not the placeholder 0 / 1): by the
+            # main process, then handed to the others, so all of them hold the same twin.
             torch.manual_seed(self.run_seed)
             self._twin = build_model(self.arch).to(self.feature_args["device"]).eval()
-            evaluate.recalibrate_batchnorm(self._twin.encoder, self.train, **self.feature_args)
+            if self.info.is_main:
+                evaluate.recalibrate_batchnorm(self._twin.encoder, self.train,
+                                               **self.feature_args)  # fmt: skip
+            if self.info.world_size > 1:
+                buffers = {k: v.cpu() for k, v in self._twin.encoder.state_dict().items()}
+                self._twin.encoder.load_state_dict(distributed.broadcast_object(buffers))
         return self._twin
 
     def features(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,9 +257,9 @@ class _Subjects:
                 self._features[name] = _standardised(*pixels)
             else:
                 encoder = self.network(name).encoder
-                self._features[name] = tuple(
-                    evaluate.extract_features(encoder, s, **self.feature_args) for s in splits
-                )
+                computed = [evaluate.shared_features(encoder, s, self.info, **self.feature_args)
+                            for s in splits]  # fmt: skip
+                self._features[name] = tuple(c[0] if c else None for c in computed)
         return self._features[name]
 
 
@@ -347,11 +359,44 @@ def evaluate_checkpoint(
         One dict per protocol: ``protocol``, ``top1``, ``top5``, ``seconds``, the protocol's
         settings, and ``baseline_random_init`` / ``baseline_raw_pixels`` ({top1, top5}) when
         computed. ``seconds`` includes computing the features a protocol is first to need.
+        Under torchrun (``WORLD_SIZE`` > 1) every process computes its share of the frozen
+        features; the main process runs the protocols (fine-tuning and the SGD linear protocol
+        on it alone), writes the report and returns the results, the others return [].
 
     Raises:
         ConfigError: unlabelled data or no test split, bad settings or protocol names.
         CheckpointError: the checkpoint is missing or unreadable.
     """
+    protocols = _parse_protocols(protocols)
+    target = select_device(device)
+    # Under torchrun (WORLD_SIZE > 1) every process computes its share of the features; the
+    # main process runs the protocols and writes the report, the others return [].
+    info = distributed.init_from_env(target.type)
+    if info.world_size > 1 and target.type == "cuda":
+        target = torch.device("cuda", info.local_rank)
+    try:
+        return _evaluate_checkpoint(
+            checkpoint_path, protocols=protocols, label_fraction=label_fraction,
+            overrides=overrides, out_dir=out_dir, device=target, seed=seed,
+            quiet=quiet or not info.is_main, info=info,
+        )
+    finally:
+        if info.initialized_here:
+            distributed.shutdown()
+
+
+def _evaluate_checkpoint(
+    checkpoint_path: str | Path,
+    *,
+    protocols: tuple[str, ...],
+    label_fraction: float,
+    overrides: Any,
+    out_dir: str | Path | None,
+    device: torch.device,
+    seed: int,
+    quiet: bool,
+    info: distributed.DistInfo,
+) -> list[dict[str, Any]]:
     protocols = _parse_protocols(protocols)
     settings = eval_settings(overrides)
     if "finetune" in protocols:
@@ -372,7 +417,6 @@ def evaluate_checkpoint(
             f"data.dataset: '{dataset}' has {train.num_channels}-channel images, the encoder was "
             f"trained on {arch['in_channels']}-channel images; evaluate on a matching dataset"
         )
-    device = select_device(device)
     num_classes = max(train.num_classes, int(max(train.labels.max(), test.labels.max())) + 1)
     if out_dir is None:
         parent = checkpoint_path.resolve().parent
@@ -387,9 +431,14 @@ def evaluate_checkpoint(
     model = build_model(arch)
     model.encoder.load_state_dict(state["encoder"])
     model.head.load_state_dict(state["head"])
+    frozen = any(p in ("linear", "knn") for p in protocols) and settings.linear_protocol == "lbfgs"
     subjects = _Subjects(model.to(device).eval(), arch, run_config.seed, train, test,
-                         batch_size=settings.batch_size, device=device, max_bad_fraction=max_bad)
+                         batch_size=settings.batch_size, device=device, max_bad_fraction=max_bad,
+                         info=info, needs_twin=settings.random_init_baseline and (
+                             frozen or "knn" in protocols))  # fmt: skip
     train, test = subjects.train, subjects.test  # without the files that did not decode
+    if not info.is_main:
+        return []  # features shared; the protocols, plots and files are the main process's
     log(f"{checkpoint_path} (step {state['step']}) on {dataset}: {len(train)} train / "
         f"{len(test)} test images, {num_classes} classes, {device}")
 

@@ -241,6 +241,31 @@ def extract_features(
     )[0]
 
 
+def shared_features(
+    encoder: nn.Module,
+    source: Source,
+    info: Any,
+    **args: Any,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]] | None:
+    """:func:`compute_features` of every image that decodes, shared by the processes of a job:
+    process r computes images r, r + W, ...; the main process receives (h, positions, bad) in
+    the source's order, the others None. ``info`` is a ``distributed.DistInfo``."""
+    from simclrkit import distributed
+
+    mine = np.arange(info.rank, len(source), info.world_size)
+    part = select_images(source, mine) if info.world_size > 1 else source
+    h, kept, bad = compute_features(encoder, part, skip_bad=True, **args)
+    if info.world_size <= 1:
+        return h, kept, bad
+    rows = distributed.gather_rows(h)
+    used = distributed.gather_rows(torch.from_numpy(mine)[kept].view(-1, 1))
+    failed = distributed.all_gather_objects([(int(mine[i]), reason) for i, reason in bad])
+    if rows is None:
+        return None
+    order = torch.argsort(used.view(-1))
+    return rows[order], used.view(-1)[order], sorted(e for part in failed for e in part)
+
+
 def readable_features(
     encoder: nn.Module,
     source: Source,
@@ -250,34 +275,45 @@ def readable_features(
     device: torch.device | str = "cpu",
     workers: int = 0,
     max_bad_fraction: float = 1.0,
-) -> tuple[torch.Tensor, Source]:
+    info: Any = None,
+) -> tuple[torch.Tensor | None, Source]:
     """h of every image that decodes, and the source without those that do not.
 
     Evaluation finds bad files while it computes the first features; the protocols after it
     then run on the returned source, whose labels match the rows. Each bad file gets one
-    :class:`~simclrkit.imagefiles.BadImageWarning`.
+    :class:`~simclrkit.imagefiles.BadImageWarning`. Under several processes (``info``, a
+    ``distributed.DistInfo``) each computes its share; every process returns the same
+    source, the main process the features and the others None.
 
     Raises:
-        ConfigError: more than ``max_bad_fraction`` of the images did not decode.
+        ConfigError: more than ``max_bad_fraction`` of the images did not decode (on every
+            process alike).
     """
-    h, positions, bad = compute_features(
-        encoder, source, image_size=image_size, batch_size=batch_size, device=device,
-        workers=workers, skip_bad=True,
-    )
-    if not bad:
-        return h, source
-    for index, reason in bad:
-        warnings.warn(f"skipping image {source.path(index)}: {reason}", BadImageWarning,
-                      stacklevel=2)  # fmt: skip
-    if len(bad) > max_bad_fraction * len(source):
-        named = "; ".join(f"{source.path(i)}: {r}" for i, r in bad[:5])
-        raise ConfigError(
-            f"data.max_bad_fraction: {len(bad)} of {len(source)} images of {source.name}/"
-            f"{source.split} ({len(bad) / len(source):.2%}) could not be decoded, more than the "
-            f"allowed {max_bad_fraction:.2%} ({named}); fix or remove them, or raise "
-            "data.max_bad_fraction"
-        )
-    return h, select_images(source, positions.numpy())
+    from simclrkit import distributed
+
+    info = info or distributed.DistInfo()
+    result = shared_features(encoder, source, info, image_size=image_size,
+                             batch_size=batch_size, device=device, workers=workers)  # fmt: skip
+    h, positions, bad = result if result is not None else (None, None, [])
+    outcome = None
+    if info.is_main:
+        for index, reason in bad:
+            warnings.warn(f"skipping image {source.path(index)}: {reason}", BadImageWarning,
+                          stacklevel=2)  # fmt: skip
+        if len(bad) > max_bad_fraction * len(source):
+            named = "; ".join(f"{source.path(i)}: {r}" for i, r in bad[:5])
+            outcome = ("error", (
+                f"data.max_bad_fraction: {len(bad)} of {len(source)} images of {source.name}/"
+                f"{source.split} ({len(bad) / len(source):.2%}) could not be decoded, more than "
+                f"the allowed {max_bad_fraction:.2%} ({named}); fix or remove them, or raise "
+                "data.max_bad_fraction"
+            ))  # fmt: skip
+        else:
+            outcome = ("ok", positions.numpy() if bad else None)
+    outcome = distributed.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise ConfigError(outcome[1])
+    return h, source if outcome[1] is None else select_images(source, outcome[1])
 
 
 def raw_pixel_features(source: Source, *, image_size: int, max_size: int = 32) -> torch.Tensor:

@@ -46,6 +46,7 @@ from simclrkit.data import BadImageWarning, load_run_data
 from simclrkit.evaluate import (
     Source,
     compute_features,
+    shared_features,
     knn_probe,
     logistic_regression_probe,
     recalibrate_batchnorm,
@@ -76,20 +77,17 @@ def _features(
     encoder: nn.Module, source: Source, positions: np.ndarray, info: distributed.DistInfo,
     args: dict[str, Any],
 ) -> tuple[torch.Tensor, np.ndarray] | None:  # fmt: skip
-    """Features of ``source[positions]``, each process computing every W-th image; on the
-    main process (h, the positions that decoded), None elsewhere."""
-    mine = positions[info.rank :: info.world_size]
-    part = select_images(source, mine)
-    h, kept, bad = compute_features(encoder, part, skip_bad=True, **args)
-    for index, reason in bad:  # each process names the bad files of its own share
+    """Features of ``source[positions]`` shared by every process; on the main process (h, the
+    positions that decoded), None elsewhere."""
+    part = select_images(source, positions)
+    result = shared_features(encoder, part, info, **args)
+    if result is None:
+        return None
+    h, kept, bad = result
+    for index, reason in bad:
         warnings.warn(f"skipping image {part.path(index)}: {reason}", BadImageWarning,
                       stacklevel=2)  # fmt: skip
-    rows = distributed.gather_rows(h)
-    used = distributed.gather_rows(torch.as_tensor(mine)[kept].view(-1, 1))
-    if rows is None:
-        return None
-    order = torch.argsort(used.view(-1))  # back to the subsample's order
-    return rows[order], used.view(-1)[order].numpy()
+    return h, positions[kept.numpy()]
 
 
 def evaluate_run(

@@ -181,3 +181,27 @@ def test_two_processes_equal_one_process_on_an_image_folder_with_its_evaluation(
     for key in ("eval_train_images", "eval_test_images", "knn_top1", "linear_top1"):
         assert evaluations[0][key] == evaluations[1][key], key
     assert evaluations[0]["eval_train_images"] == 32 and evaluations[0]["eval_test_images"] == 8
+
+
+def test_evaluate_under_torchrun_reports_what_one_process_reports(two_process_run, tmp_path):
+    import subprocess
+    import sys
+
+    checkpoint = two_process_run / "checkpoints" / "last.pt"
+    settings = ["tsne_points=0", "raw_pixels_baseline=false"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    runs = {}
+    for name, launcher in (
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node=2", "-m", "simclrkit"]),
+        ("one", [sys.executable, "-m", "simclrkit"]),
+    ):  # fmt: skip
+        command = [*launcher, "evaluate", str(checkpoint), "--protocol", "linear", "--json",
+                   "--out-dir", str(tmp_path / name), *settings]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "eval.json").read_text())["results"][0]
+        assert done.stdout.count('"protocol"') == 1  # one report, from the main process
+    two, one = runs["two"], runs["one"]
+    assert abs(two["top1"] - one["top1"]) <= 0.002  # 1,000 test digits: at most 2 differ
+    assert abs(two["baseline_random_init"]["top1"] - one["baseline_random_init"]["top1"]) <= 0.002
