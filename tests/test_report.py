@@ -35,10 +35,20 @@ def test_write_report_makes_plots_and_tables(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({
         "steps": 5, "epochs": 1.0, "final_loss": 5.5, "train_seconds": 3.0,
         "images_per_second": 100.0, "eval": {"linear_top1": 0.91, "linear_top5": 0.99,
-                                             "random_init_linear_top1": 0.43},
+                                             "random_init_linear_top1": 0.43, "knn_top1": 0.87,
+                                             "eval_train_images": 500, "eval_test_images": 100,
+                                             "eval_seconds": 4.0, "eval_budget_seconds": 60.0,
+                                             "eval_notes": ["subsample shrunk to 50%"]},
+        "data": {"name": "folder", "split": "train", "size": 40, "skipped": 0, "reads": 48,
+                 "bad_reads": 2, "bad_files": 1,
+                 "bad_files_named": [{"path": "/data/x.jpg", "reason": "truncated"}]},
     }))
     report = write_report(tmp_path).read_text()
     assert "0.9100" in report and "0.4300" in report and "resumed at step(s): 3" in report
+    assert "| kNN (k=200) on frozen h | 0.8700 |" in report
+    assert "subsample of 500 training and 100 test images" in report and "shrunk to 50%" in report
+    assert "48, of which 2 failed and were replaced; 1 distinct bad files" in report
+    assert "/data/x.jpg: truncated" in report
     for name in ("loss", "lr", "contrastive_acc", "throughput"):
         assert f"plots/{name}.png" in report
         assert Image.open(tmp_path / "plots" / f"{name}.png").size[0] > 100

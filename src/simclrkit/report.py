@@ -101,14 +101,31 @@ def write_report(run_dir: str | Path) -> Path:
         if data:
             lines.append(
                 f"- data: {data.get('name')} ({data.get('split')}), {data.get('size')} images, "
-                f"{data.get('skipped', 0)} unreadable files skipped"
+                f"{data.get('skipped', 0)} unreadable files left out before training"
+            )
+        if data.get("reads"):
+            named = "".join(f"\n  - {e['path']}: {e['reason']}" for e in data["bad_files_named"])
+            lines.append(
+                f"- files read during training: {data['reads']}, of which {data['bad_reads']} "
+                f"failed and were replaced; {data['bad_files']} distinct bad files"
+                + (" (all in bad_files.txt)" if data["bad_files"] else "") + named
             )
     resumes = _resumes(run_dir / "metrics.jsonl")
     if resumes:
         lines.append(f"- resumed at step(s): {', '.join(map(str, resumes))}")
     evaluation = summary.get("eval", {})
     if evaluation:
-        lines += ["", "## Evaluation", "", "| protocol | top-1 | top-5 |", "| --- | --- | --- |"]
+        lines += ["", "## Evaluation", ""]
+        if "eval_train_images" in evaluation:
+            notes = "; ".join(evaluation.get("eval_notes", []))
+            lines += [
+                f"On a class-balanced subsample of {evaluation['eval_train_images']} training and "
+                f"{evaluation['eval_test_images']} test images, in "
+                f"{evaluation.get('eval_seconds', 0):.0f} s (budget "
+                f"{evaluation.get('eval_budget_seconds', 0):.0f} s){': ' + notes if notes else ''}.",
+                "",
+            ]
+        lines += ["| protocol | top-1 | top-5 |", "| --- | --- | --- |"]
         if "linear_top1" in evaluation:
             lines.append(
                 f"| linear (logistic regression on frozen h) | {evaluation['linear_top1']:.4f} "
@@ -118,6 +135,11 @@ def write_report(run_dir: str | Path) -> Path:
             lines.append(
                 f"| same encoder, random initialisation | {evaluation['random_init_linear_top1']:.4f}"
                 f" | {evaluation.get('random_init_linear_top5', float('nan')):.4f} |"
+            )
+        if "knn_top1" in evaluation:
+            lines.append(
+                f"| kNN (k=200) on frozen h | {evaluation['knn_top1']:.4f} "
+                f"| {evaluation.get('knn_top5', float('nan')):.4f} |"
             )
     if made:
         lines += ["", "## Training curves", ""]
