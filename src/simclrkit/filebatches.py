@@ -23,10 +23,10 @@ bad; ``badfiles.py`` counts them over the ranks and stops the run above the conf
 fraction.
 
 Cost per ImageNet-size image (~500x375 JPEG) on one core of a 2-core EPYC
-(``benchmarks/data.py``): 3.8 ms in all, 266 images/s, 2.3x lightly's pipeline: the decode
-0.8 ms (a reduced scale only pays for crops at least twice the output size, so rarely here),
-the two crops in uint8 and their bookkeeping ~1.7 ms, the colour half with blur ~1.3 ms. An
-H100 training ResNet-50 (~1,500 images/s) needs ~6 cores of loader workers at that rate.
+(``benchmarks/data.py``): 3.8 ms in all, 266 images/s, 2.3x lightly's pipeline, of which
+Pillow's decode is 0.8 ms (a reduced scale only pays for crops at least twice the output size,
+so rarely here). At that rate an accelerator consuming ~1,500 images/s (BENCHMARKS.md's figure
+for ResNet-50 on an H100) needs ~6 cores of loader workers.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from simclrkit.augment import SimCLRAugment, uniforms
 from simclrkit.config import ConfigError
 from simclrkit.imagefiles import BadImageError, ImageFiles
-from simclrkit.pipeline import Batch, EpochOrder
+from simclrkit.pipeline import Batch, StepOrder
 
 # Attempts at a replacement before the data is declared unreadable: with a bad fraction f,
 # 16 bad draws in a row have probability f**16 (1e-32 at 1%).
@@ -121,20 +121,15 @@ class FileChunks(Dataset):
         world_size: int = 1,
         chunk_size: int = 64,
     ) -> None:
-        self.source = source
-        self.augment = augment
-        self.seed = seed
-        self.global_batch_size = global_batch_size
-        self.batch_size_per_device = global_batch_size // world_size
-        self.rank = rank
-        self.chunk_size = min(chunk_size, self.batch_size_per_device)
-        self.items_per_step = math.ceil(self.batch_size_per_device / self.chunk_size)
-        self.order = EpochOrder(seed, steps_per_epoch, len(source))
+        self.source, self.augment, self.seed = source, augment, seed
+        self.order = StepOrder(seed, steps_per_epoch, len(source), global_batch_size, rank,
+                               world_size)  # fmt: skip
+        self.chunk_size = min(chunk_size, self.order.batch_size_per_device)
+        self.items_per_step = math.ceil(self.order.batch_size_per_device / self.chunk_size)
 
     def __getitem__(self, item: int) -> FileChunk:
         step, chunk = divmod(item, self.items_per_step)
-        epoch, indices = self.order.rank_indices(step, self.global_batch_size, self.rank,
-                                                  self.batch_size_per_device)
+        epoch, indices = self.order.indices(step)
         first = chunk * self.chunk_size
         positions = range(first, min(first + self.chunk_size, len(indices)))
         result = FileChunk(step, torch.empty(0), torch.empty(0), torch.empty(0))
@@ -153,7 +148,7 @@ class FileChunks(Dataset):
         self, step: int, epoch: int, position: int, index: int, report: FileChunk
     ) -> tuple[int, int, torch.Tensor]:
         """(image used, its augmentation key, (2, C, S, S) uint8) for one batch position."""
-        global_position = self.rank * self.batch_size_per_device + position
+        global_position = self.order.rank * self.order.batch_size_per_device + position
         key = index
         first_failure = None
         for attempt in range(MAX_REPLACEMENTS + 1):
@@ -179,7 +174,7 @@ class FileChunks(Dataset):
         u = float(uniforms(self.seed, -1 - step, [global_position], attempt, 1)[0, 0])
         num_examples = len(self.source)
         index = min(int(u * num_examples), num_examples - 1)
-        slot = step * self.global_batch_size + global_position
+        slot = step * self.order.global_batch_size + global_position
         return index, num_examples + slot * (MAX_REPLACEMENTS + 1) + attempt
 
     def _views(self, index: int, key: int, epoch: int) -> torch.Tensor:

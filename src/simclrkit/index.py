@@ -11,13 +11,14 @@ resume and every torchrun restart reads that file, so all of them train on exact
 list, and the checkpoint records its :attr:`DataIndex.fingerprint` so that a resume on data
 that changed is refused rather than silently reshuffled (RELIABILITY.md §14).
 
-Cost at ImageNet size (1.28M files): listing takes ~1-2 s on a local disk (``os.scandir``, in
-threads over the top-level folders, which is what helps on network filesystems, where each
-directory read is a round trip); in memory the paths are one UTF-8 blob plus offsets and the
-labels an int64 array, ~70 bytes per file and no Python object per file, so DataLoader workers
-forked from the process share the pages instead of copying them as reference counts change
-(the usual growth of a list of path strings under fork); on disk a compressed ``.npz`` of
-~15 MB that loads in a fraction of a second.
+Cost. Listing uses ``os.scandir`` in threads over the top-level folders (what helps on network
+filesystems, where each directory read is a round trip): 100,000 files in 100 folders list in
+0.2 s on a local disk with a warm cache (2-core EPYC), so ImageNet's 1.28M in a few seconds. In
+memory the paths are one blob of their bytes plus an int64 offset each (and int64 labels): no
+Python object per file, so DataLoader workers forked from the process share the pages instead
+of copying them as reference counts change (the usual growth of a list of path strings under
+fork). ``benchmarks/data.py`` measures the whole start-up: +184 bytes of peak memory per file
+from 1,000 to 100,000 files. On disk a compressed ``.npz``.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def pack(
         out: the shard folder; it must not hold shards of the same split already.
         max_side: the longer side of the stored images (0: keep the size, re-encode only).
         quality: JPEG quality of re-encoded images.
-        samples_per_shard: samples per tar file (5,000 at 320 px is ~100-150 MB).
+        samples_per_shard: samples per tar file.
         workers: encoding processes (None: every CPU).
         quiet: no progress bar.
 

@@ -60,28 +60,35 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=generator)
 
 
-class EpochOrder:
-    """Which images each step takes: slices of the epoch permutations, the last one cached.
+class StepOrder:
+    """Which images each step gives this process: its rows of a slice of the epoch permutation.
 
-    ImageNet: a permutation of 1.28M is 10 MB and ~20 ms to draw, once per epoch per process.
+    Rank ``r`` of ``W`` takes rows ``[r * b, (r + 1) * b)`` of step ``s``'s global batch, where
+    the global batch is ``B = global_batch_size`` consecutive entries of the permutation of
+    epoch ``s // steps_per_epoch``. The last permutation is cached: ImageNet's 1.28M is 10 MB
+    and ~20 ms to draw, once per epoch per process.
     """
 
-    def __init__(self, seed: int, steps_per_epoch: int, num_examples: int) -> None:
+    def __init__(
+        self, seed: int, steps_per_epoch: int, num_examples: int, global_batch_size: int,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:  # fmt: skip
         self.seed, self.steps_per_epoch, self.num_examples = seed, steps_per_epoch, num_examples
+        self.global_batch_size = global_batch_size
+        self.batch_size_per_device = global_batch_size // world_size
+        self.rank = rank
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def rank_indices(
-        self, step: int, global_batch_size: int, rank: int, batch_size_per_device: int
-    ) -> tuple[int, torch.Tensor]:
+    def indices(self, step: int) -> tuple[int, torch.Tensor]:
         """(epoch, this rank's dataset indices) of a step."""
         epoch, position = divmod(step, self.steps_per_epoch)
         if self._cached is None or self._cached[0] != epoch:
             self._cached = (epoch, epoch_order(self.seed, epoch, self.num_examples))
-        start = position * global_batch_size + rank * batch_size_per_device
-        return epoch, self._cached[1][start : start + batch_size_per_device]
+        start = position * self.global_batch_size + self.rank * self.batch_size_per_device
+        return epoch, self._cached[1][start : start + self.batch_size_per_device]
 
 
 class StepBatches(Dataset):
@@ -109,22 +116,12 @@ class StepBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.source = source
-        self.augment = augment
-        self.seed = seed
-        self.global_batch_size = global_batch_size
-        self.batch_size_per_device = global_batch_size // world_size
-        self.rank = rank
-        self.order = EpochOrder(seed, steps_per_epoch, len(source))
-
-    def indices(self, step: int) -> tuple[int, torch.Tensor]:
-        """(epoch, this rank's dataset indices) of a step."""
-        return self.order.rank_indices(
-            step, self.global_batch_size, self.rank, self.batch_size_per_device
-        )
+        self.source, self.augment, self.seed = source, augment, seed
+        self.order = StepOrder(seed, steps_per_epoch, len(source), global_batch_size, rank,
+                               world_size)  # fmt: skip
 
     def __getitem__(self, step: int) -> Batch:
-        epoch, indices = self.indices(step)
+        epoch, indices = self.order.indices(step)
         images = self.source.images[indices]
         size, batch = self.augment.output_size, len(indices)
         views = torch.empty(2 * batch, images.shape[1], size, size)

@@ -21,10 +21,10 @@ takes longer than ``max(eval.max_share x the run's training time, eval.min_secon
    (n x d) feature matrix with a (d x classes) matrix, timed before fitting; the iteration cap
    and, if needed, the C grid are cut to fit, and the report says so.
 
-Cost at ImageNet size (1.28M images, 1,000 classes, ResNet-50, 8 GPUs): the default caps give
-50 training and 10 test images per class; features of 60,000 images (twice that with the
-baseline) take a minute or two over 8 GPUs; the fit of 50,000 x 2,048 features with 1,000
-classes is what the cap in step 4 bounds.
+At ImageNet size (1.28M images, 1,000 classes, ResNet-50) the default caps give 50 training
+and 10 test images per class: the features of 60,000 images (twice that with the baseline),
+forward passes only, shared by every process; the fit of 50,000 x 2,048 features with 1,000
+classes is what the cap in step 4 bounds. (Not measured here: no GPU has run this.)
 """
 
 from __future__ import annotations
