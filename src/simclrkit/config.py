@@ -9,6 +9,12 @@ arguments, never the whole config.
 Every user mistake raises :class:`ConfigError`, whose message names the key, what was given
 and what is allowed; the command line turns it into exit code 2 without a traceback.
 
+Every number must be finite, and every integer fits in 64 bits. Settings that size memory
+(image size, width, projection size, head depth, loader processes) have plain upper bounds,
+the ``MAX_*`` constants below: far above any published SimCLR setting, they turn a typo (an
+extra zero) into an error before anything is built, where it would otherwise overflow or ask
+for terabytes later. ``budget.py`` then checks the memory the run as a whole needs.
+
 Defaults follow the paper's ImageNet setting (Chen et al. 2020, §2.3 and App. B.1) unless a
 field says otherwise; recipes in ``configs/`` override them per dataset.
 """
@@ -28,8 +34,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from simclrkit.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake; the message names the key and the fix."""
 
 
@@ -51,6 +59,32 @@ DATASETS = (
 )
 FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Upper bounds against typos (see the module docstring). Each message names its constant: a
+# real need for more is a one-line change here.
+MAX_INT = 2**63 - 1  # every integer setting: what an int64 tensor or array holds
+# torch.manual_seed and torch.Generator.manual_seed take 0 <= seed < 2**64 (train.py, pipeline.py;
+# numpy's default_rng, the other user, takes any non-negative integer).
+MAX_SEED = 2**64 - 1
+# 4096 px is 18x ImageNet's 224 (SimCLR's size) and 4x the largest sizes vision backbones
+# train at; one 3-channel view alone is 200 MB as float32, a ResNet-50's activations several GB.
+MAX_IMAGE_SIZE = 4096
+MAX_WIDTH = 16.0  # SimCLRv2 trains widths up to 3x, the reference up to 4x
+MAX_PROJ_DIM = 65536  # the paper uses 128 and finds larger sizes no better (Fig. B.12)
+MAX_HEAD_LAYERS = 8  # SimCLR uses 2, SimCLRv2 3 and compares up to 4
+MAX_WORKERS = 256  # loader processes per training process: more than cores only costs memory
+MAX_EPOCHS = 1_000_000.0  # the paper's longest runs are 1,000 epochs (800 for SimCLRv2)
+# The paper's base rates are 0.075 to 1.0 (4.8 after scaling). Training runs in float32, whose
+# largest number is 3.4e38: at most 1e9, the rate scaled by any legal batch (linear: x batch /
+# 256 <= 3.6e16) stays far inside it, where 1e300 would be infinite from the first step.
+MAX_LR = 1e9
+# Numbers that enter the maths: past these, the first step overflows float32 (the logits are
+# 1/temperature-scaled, jitter factors scale pixels, the trust ratio scales every update), and
+# the run would stop on a non-finite loss with advice that does not fit.
+MIN_TEMPERATURE = 1e-3  # Table 5 goes down to 0.05; 1/1e-3 keeps the logits finite
+MAX_JITTER_STRENGTH = 100.0  # s: the paper uses 0.5 and 1.0 and plots up to 1.0
+MAX_TRUST_COEFFICIENT = 10.0  # LARS' eta: the reference uses 0.001
+MAX_TIMEOUT = 7 * 24 * 3600.0  # seconds; datetime.timedelta overflows not far above
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,8 +109,10 @@ class DataConfig:
         _choice("data.dataset", self.dataset, DATASETS)
         if self.image_size is not None:
             _positive("data.image_size", self.image_size)
+            _at_most("data.image_size", self.image_size, MAX_IMAGE_SIZE, "MAX_IMAGE_SIZE")
         if self.num_workers != "auto":
             _non_negative("data.num_workers", self.num_workers)
+            _at_most("data.num_workers", self.num_workers, MAX_WORKERS, "MAX_WORKERS")
         _fraction("data.max_bad_fraction", self.max_bad_fraction)
         if self.dataset in FILE_DATASETS and not (self.root or self.index):
             raise ConfigError(
@@ -104,11 +140,13 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _non_negative("augment.color_jitter_strength", self.color_jitter_strength)
+        _at_most("augment.color_jitter_strength", self.color_jitter_strength,
+                 MAX_JITTER_STRENGTH, "MAX_JITTER_STRENGTH")
         for key in ("color_jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
             _fraction(f"augment.{key}", getattr(self, key))
-        if not 0.0 < self.crop_min_scale <= 1.0:
+        if not (_is_number(self.crop_min_scale) and 0.0 < self.crop_min_scale <= 1.0):
             raise ConfigError(
-                f"augment.crop_min_scale: got {self.crop_min_scale}; allowed: 0 < value <= 1"
+                f"augment.crop_min_scale: got {_show(self.crop_min_scale)}; allowed: 0 < value <= 1"
             )
 
 
@@ -125,10 +163,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.encoder", self.encoder, ENCODERS)
-        if not (self.width > 0 and math.isfinite(self.width)):
-            raise ConfigError(f"model.width: got {self.width}; allowed: a number > 0")
+        _positive("model.width", self.width)
+        _at_most("model.width", self.width, MAX_WIDTH, "MAX_WIDTH")
         _positive("model.head_layers", self.head_layers)
+        _at_most("model.head_layers", self.head_layers, MAX_HEAD_LAYERS, "MAX_HEAD_LAYERS")
         _positive("model.proj_dim", self.proj_dim)
+        _at_most("model.proj_dim", self.proj_dim, MAX_PROJ_DIM, "MAX_PROJ_DIM")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,10 +179,12 @@ class LossConfig:
     chunk_size: int | None = None  # None: automatic (chunked for large batches)
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+        _positive("loss.temperature", self.temperature, "(0.1 for ImageNet, 0.5 for CIFAR-10)")
+        if self.temperature < MIN_TEMPERATURE:
             raise ConfigError(
-                f"loss.temperature: got {self.temperature}; allowed: a number > 0 "
-                "(0.1 for ImageNet, 0.5 for CIFAR-10)"
+                f"loss.temperature: got {_show(self.temperature)}; allowed: at least "
+                f"{MIN_TEMPERATURE} (1/temperature scales the logits; below that they overflow; "
+                "the paper uses 0.1 for ImageNet, 0.5 for CIFAR-10)"
             )
         if self.chunk_size is not None:
             _positive("loss.chunk_size", self.chunk_size)
@@ -161,13 +203,18 @@ class OptimConfig:
     warmup_epochs: float = 10.0
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"optim.lr: got {self.lr}; allowed: a number > 0")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"optim.momentum: got {self.momentum}; allowed: 0 <= value < 1")
+        _positive("optim.lr", self.lr)
+        _at_most("optim.lr", self.lr, MAX_LR, "MAX_LR")
+        if not (_is_number(self.momentum) and 0.0 <= self.momentum < 1.0):
+            raise ConfigError(
+                f"optim.momentum: got {_show(self.momentum)}; allowed: 0 <= value < 1"
+            )
         _non_negative("optim.weight_decay", self.weight_decay)
         _positive("optim.trust_coefficient", self.trust_coefficient)
+        _at_most("optim.trust_coefficient", self.trust_coefficient, MAX_TRUST_COEFFICIENT,
+                 "MAX_TRUST_COEFFICIENT")
         _non_negative("optim.warmup_epochs", self.warmup_epochs)
+        _at_most("optim.warmup_epochs", self.warmup_epochs, MAX_EPOCHS, "MAX_EPOCHS")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,8 +244,8 @@ class TrainConfig:
     collective_timeout: float = 300.0  # seconds any process waits for the others at most
 
     def __post_init__(self) -> None:
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ConfigError(f"train.epochs: got {self.epochs}; allowed: a number > 0")
+        _positive("train.epochs", self.epochs)
+        _at_most("train.epochs", self.epochs, MAX_EPOCHS, "MAX_EPOCHS")
         if self.max_steps is not None:
             _positive("train.max_steps", self.max_steps)
         _positive("train.batch_size", self.batch_size)
@@ -206,19 +253,20 @@ class TrainConfig:
             raise ConfigError(
                 "train.batch_size: got 1; allowed: >= 2 (a view needs negatives from other images)"
             )
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (
+            self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,4}", self.device)
+        ):
             raise ConfigError(
-                f"train.device: got '{self.device}'; allowed: auto, cpu, cuda, cuda:N"
+                f"train.device: got {_show(self.device)}; allowed: auto, cpu, cuda, cuda:N "
+                "(N the GPU's number, e.g. cuda:0)"
             )
         _positive("train.checkpoint_every", self.checkpoint_every)
         _positive("train.keep_last", self.keep_last)
         _positive("train.log_every", self.log_every)
         if self.micro_batch_size is not None:
             _positive("train.micro_batch_size", self.micro_batch_size)
-        if not (self.collective_timeout > 0 and math.isfinite(self.collective_timeout)):
-            raise ConfigError(
-                f"train.collective_timeout: got {self.collective_timeout}; allowed: seconds > 0"
-            )
+        _positive("train.collective_timeout", self.collective_timeout, "(seconds)")
+        _at_most("train.collective_timeout", self.collective_timeout, MAX_TIMEOUT, "MAX_TIMEOUT")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,8 +286,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _positive("eval.batch_size", self.batch_size)
         _fraction("eval.max_share", self.max_share)
-        if not (self.min_seconds >= 0 and math.isfinite(self.min_seconds)):
-            raise ConfigError(f"eval.min_seconds: got {self.min_seconds}; allowed: seconds >= 0")
+        _non_negative("eval.min_seconds", self.min_seconds, "(seconds)")
         _positive("eval.max_train_images", self.max_train_images)
         _positive("eval.max_test_images", self.max_test_images)
 
@@ -259,7 +306,13 @@ class Config:
     recipe: str | None = None  # which recipe this run started from; informational
 
     def __post_init__(self) -> None:
-        _non_negative("seed", self.seed)
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise ConfigError(f"seed: got {_show(self.seed)}; allowed: an integer >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(
+                f"seed: got {_show(self.seed)}; allowed: 0 <= seed <= 2**64 - 1 "
+                f"({MAX_SEED}, the largest seed torch.manual_seed takes); pick a seed in that range"
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -267,29 +320,74 @@ class Config:
 # --------------------------------------------------------------------------------------
 
 
-def _positive(key: str, value: float) -> None:
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what every numeric setting must be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else True
+
+
+def _show(value: Any) -> str:
+    """``value`` for a message: short, and safe for any value (``str`` of an integer with
+    more than 4,300 digits raises, and a pasted blob should not flood the terminal)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits (about 10**{int(value.bit_length() * 0.30103)})"
+    try:
+        text = repr(value) if isinstance(value, str) else str(value)
+    except (ValueError, TypeError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _require_number(key: str, value: Any, allowed: str) -> None:
+    if not _is_number(value):
+        raise ConfigError(f"{key}: got {_show(value)}; allowed: a finite number {allowed}")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(
+            f"{key}: got {_show(value)}; allowed: {allowed}, and at most 2**63 - 1 (a 64-bit "
+            "integer, what the tensors and arrays that hold it take)"
+        )
+
+
+def _positive(key: str, value: float, note: str = "") -> None:
+    _require_number(key, value, f"> 0 {note}".strip())
     if not value > 0:
-        raise ConfigError(f"{key}: got {value}; allowed: a number > 0")
+        raise ConfigError(f"{key}: got {_show(value)}; allowed: a number > 0 {note}".rstrip())
 
 
-def _non_negative(key: str, value: float) -> None:
+def _non_negative(key: str, value: float, note: str = "") -> None:
+    _require_number(key, value, f">= 0 {note}".strip())
     if not value >= 0:
-        raise ConfigError(f"{key}: got {value}; allowed: a number >= 0")
+        raise ConfigError(f"{key}: got {_show(value)}; allowed: a number >= 0 {note}".rstrip())
 
 
 def _fraction(key: str, value: float) -> None:
+    _require_number(key, value, "0 <= value <= 1")
     if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}: got {value}; allowed: 0 <= value <= 1")
+        raise ConfigError(f"{key}: got {_show(value)}; allowed: 0 <= value <= 1")
+
+
+def _at_most(key: str, value: float, bound: float, constant: str) -> None:
+    """An upper bound against typos; the message says where the bound lives."""
+    if value > bound:
+        shown = int(bound) if float(bound).is_integer() else bound
+        raise ConfigError(
+            f"{key}: got {_show(value)}; allowed: at most {shown:,} (a bound against typos, far "
+            f"above published settings; if a run really needs more, raise {constant} in "
+            "simclrkit/config.py)"
+        )
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         hint = _suggest(value, allowed)
-        raise ConfigError(f"{key}: got '{value}'; allowed: {', '.join(allowed)}{hint}")
+        raise ConfigError(f"{key}: got {_show(value)}; allowed: {', '.join(allowed)}{hint}")
 
 
-def _suggest(word: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+def _suggest(word: Any, candidates: typing.Iterable[str]) -> str:
+    if not isinstance(word, str) or len(word) > 100:  # only a word can be a typo of a word
+        return ""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -298,8 +396,18 @@ def _suggest(word: str, candidates: typing.Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------
 
 
+class _OutOfRange(ConfigError):
+    """A value of the right type but outside what any setting can hold (not a type mismatch,
+    so a union of types reports it rather than listing the types)."""
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Checks ``value`` against a field annotation; ints are accepted for floats."""
+    """Checks ``value`` against a field annotation; ints are accepted for floats.
+
+    Beyond the type, what no setting can use is refused here, for every field at once: a float
+    that is not finite (``.inf``, ``.nan``, ``1e999``), an integer beyond 64 bits, and a string
+    with a NUL character (no path or name can hold one). The fields' own checks add ranges.
+    """
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -311,17 +419,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 continue
             try:
                 return _coerce(key, value, option)
+            except _OutOfRange:
+                raise
             except ConfigError as error:
                 errors.append(error)
         raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{key}: got {value!r}; allowed: {_describe(annotation)}"
+            f"{key}: got {_show(value)}; allowed: {_describe(annotation)}"
         )
     if origin is Literal:
         allowed = typing.get_args(annotation)
-        if value not in allowed:
+        if not any(type(value) is type(a) and value == a for a in allowed):
             hint = _suggest(value, [str(a) for a in allowed])
             raise ConfigError(
-                f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}{hint}"
+                f"{key}: got {_show(value)}; allowed: {', '.join(map(str, allowed))}{hint}"
             )
         return value
     if annotation is bool:
@@ -329,19 +439,40 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_SEED:
+                raise _OutOfRange(
+                    f"{key}: got {_show(value)}; allowed: an integer of at most 64 bits "
+                    f"(at most 2**64 - 1 = {MAX_SEED}; no setting needs more)"
+                )
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = value
         # YAML 1.1 (PyYAML) reads exponents without a dot, such as 1e-4, as strings.
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            return float(value)
+        elif isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            number = value
+        if number is not None:
+            try:
+                result = float(number)
+            except OverflowError:  # an int beyond the float range
+                result = math.inf
+            if not math.isfinite(result):
+                raise _OutOfRange(
+                    f"{key}: got {_show(value)}; allowed: a finite number "
+                    f"(largest about 1.8e308)"
+                )
+            return result
     elif annotation is str:
         if isinstance(value, str):
+            if "\0" in value:
+                raise _OutOfRange(
+                    f"{key}: got {_show(value)}; a setting cannot hold a NUL character (\\0)"
+                )
             return value
     else:  # pragma: no cover - a field type this module does not know is a bug here
         raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
-    raise ConfigError(f"{key}: got {value!r}; allowed: {_describe(annotation)}")
+    raise ConfigError(f"{key}: got {_show(value)}; allowed: {_describe(annotation)}")
 
 
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -363,12 +494,16 @@ def _describe(annotation: Any) -> str:
 def build_section(cls: type, data: Any, prefix: str) -> Any:
     """Builds one config dataclass from plain data with type checks and close-match hints."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {_show(data)}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        full = f"{prefix}{key}"
+        # A key is shown as written unless it would break the one-line message (a newline).
+        shown = key if isinstance(key, str) and key.isprintable() else _show(key)
+        full = f"{prefix}{shown}"
         if key not in names:
             hint = _suggest(key, names)
             raise ConfigError(
@@ -415,31 +550,165 @@ def list_recipes() -> dict[str, str]:
     return recipes
 
 
+# A config is a few hundred bytes; more than this is not a config (or is /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _Refused(yaml.YAMLError):
+    """What the strict loader refuses, with the line (1-based) it is on."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus what it silently accepts but a config must not hold.
+
+    * A key given twice in one mapping (at any depth): PyYAML keeps the last one, so of two
+      ``lr:`` lines one is silently ignored; here it is an error naming the key and the line.
+    * An alias (``*name``) of a mapping or list: it shares the object, so a chain of them (or
+      a mapping that contains itself) expands into exponentially many settings, or endlessly,
+      when the config is copied. Aliases of single values are harmless and allowed.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+                raise _Refused(
+                    event.start_mark.line + 1,
+                    f"the alias *{event.anchor} repeats a whole mapping or list; write its "
+                    "values out (aliases of single values are fine)",
+                )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _Refused(
+                        line,
+                        f"the key {_show(key)} appears twice in one mapping (first on line "
+                        f"{first}); YAML would keep only the last value: remove one",
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parses one YAML document with :class:`StrictLoader`.
+
+    Raises:
+        yaml.YAMLError: invalid YAML, a duplicate key, an alias of a collection.
+        ValueError: a value PyYAML cannot build (a date like 2001-13-45, an integer of more
+            than 4,300 digits).
+        RecursionError: nesting deeper than Python's stack.
+    """
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def load_yaml(name_or_path: str) -> dict[str, Any]:
-    """Reads a recipe by bundled name (``mnist5k``) or a YAML file path."""
+    """Reads a recipe by bundled name (``mnist5k``) or a YAML file path.
+
+    The file must be UTF-8 text of a YAML mapping, without duplicate keys. A file with no
+    settings at all (empty, only comments, or ``null``) is refused: it would otherwise mean
+    the built-in defaults, the paper's ResNet-50 ImageNet settings, which is rarely what a
+    missing or truncated file means. An explicit ``{}`` does mean those defaults.
+    """
     path = Path(name_or_path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name no file can have (too long, a NUL byte)
+        exists = False
+    if not exists:
         bundled = _recipe_dir() / f"{name_or_path}.yaml"
-        if bundled.exists():
+        if "/" not in name_or_path and "\0" not in name_or_path and bundled.exists():
             path = bundled
         else:
             names = list(list_recipes())
             hint = _suggest(name_or_path, names)
             raise ConfigError(
-                f"--config: '{name_or_path}' is neither a file nor a recipe{hint}; "
+                f"--config: {_show(name_or_path)} is neither a file nor a recipe{hint}; "
                 f"recipes: {', '.join(names)}"
             )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"--config: cannot read {path}: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"--config: {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a short "
+            "YAML file of settings (see `simclrkit recipes`): check the path"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"--config: {path} is not UTF-8 text (line {line}, byte {error.start}: "
+            f"{raw[error.start:error.start + 1]!r}); a config must be UTF-8: save it as UTF-8"
+        ) from None
+    try:
+        data = parse_yaml(text)
+    except _Refused as error:
+        raise ConfigError(f"--config: {path} line {error.line}: {error.message}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"--config: {path} is not valid YAML: {_yaml_problem(error, text)}"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} is nested too deeply to be a config") from None
+    except ValueError as error:  # a value PyYAML cannot construct, e.g. the date 2001-13-45
+        raise ConfigError(f"--config: {path} holds a value YAML cannot read: {error}") from None
+    if data is None:
+        raise ConfigError(
+            f"--config: {path} is empty (no settings: only blanks, comments or null); name a "
+            "recipe such as --config mnist5k (see `simclrkit recipes`), or write the settings "
+            "to change, e.g. 'train: {epochs: 10}'; '{}' means the built-in defaults"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys")
     if "recipe" not in data and path.parent == _recipe_dir():
         data["recipe"] = path.stem
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error in one line (its own text spans several, with a picture of the spot)."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return where + "; ".join(part for part in (error.context, error.problem) if part)
+    if isinstance(error, yaml.reader.ReaderError) and isinstance(error.character, int):
+        line = text.count("\n", 0, error.position) + 1
+        return (
+            f"line {line}: the character #x{error.character:04x} is not allowed in YAML "
+            "(control characters such as NUL cannot appear in a config)"
+        )
+    return " ".join(str(error).split())
+
+
+def _parse_override(raw: str) -> Any:
+    """A ``VALUE`` as a YAML scalar; anything YAML cannot read stays the plain string (the
+    field's type check then says what the field takes)."""
+    if not raw.strip():
+        return None
+    try:
+        return parse_yaml(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
@@ -451,22 +720,19 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"override '{item}': expected KEY=VALUE, e.g. train.epochs=10"
+                f"override {_show(item)}: expected KEY=VALUE, e.g. train.epochs=10"
             )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"override '{item}': the key is empty")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+            raise ConfigError(f"override {_show(item)}: the key is empty")
+        value = _parse_override(raw)
         node = merged
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
+                raise ConfigError(f"override {_show(item)}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     return merged

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -374,16 +375,37 @@ def list_imagefolder(root: Path, split: str) -> DataIndex:
     return index_from_names("imagefolder", split, root, names, labels, classes)
 
 
-def _parse_label(token: str) -> int | None:
-    try:
-        return int(token)
-    except ValueError:
-        return None
-
-
 # A label is an index into the class list that training allocates: bounded so that a typo
 # (an extra digit) is an error here rather than a giant allocation later.
 MAX_LABEL = 10_000_000
+# A list may name fewer images than it has classes (a small test list of a many-class set),
+# up to this many classes (ImageNet's count); beyond it, more classes than images is a typo.
+FREE_CLASSES = 1000
+
+_LABEL = re.compile(r"\+?[0-9]+")  # ASCII digits only: int() also takes "1_0" and "١"
+# What a mistyped label looks like (so it is not taken for the end of a file name).
+_NUMBER_LIKE = re.compile(r"[-+]?([0-9][0-9_]*\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _parse_label(token: str) -> int | None:
+    """The label of a last token that is a non-negative integer; None for any other word."""
+    return int(token) if _LABEL.fullmatch(token) else None
+
+
+def _decode_list(root: Path, data: bytes) -> str:
+    """The list file as text. A list is text in UTF-8; a file name that is not UTF-8 cannot
+    be written in one, so such files are trained on as a folder (data.dataset=folder), whose
+    listing keeps any name's bytes."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"data.root: {root} line {line} is not UTF-8 text (byte "
+            f"{data[error.start:error.start + 1]!r}); a file list must be UTF-8: save it as "
+            "UTF-8, or put files whose names are not UTF-8 in a folder and use "
+            "data.dataset=folder"
+        ) from None
 
 
 def list_filelist(root: Path, split: str) -> DataIndex:
@@ -391,7 +413,10 @@ def list_filelist(root: Path, split: str) -> DataIndex:
 
     Relative paths are relative to the list file's folder. Blank lines and lines starting with
     "#" are ignored. A path containing spaces must then carry a label (the last token is the
-    label only when it is an integer).
+    label only when it is an integer). Labels are class indices: integers from 0, and the
+    classes they imply (the largest label + 1) may exceed the number of listed images only up
+    to ``FREE_CLASSES``; a last token that looks like a number but is no such index (``-1``,
+    ``3.5``, ``1e3``) is refused rather than read as the end of a file name.
     """
     if split != "train":
         raise ConfigError(
@@ -400,17 +425,19 @@ def list_filelist(root: Path, split: str) -> DataIndex:
         )
     if not root.is_file():
         raise ConfigError(f"data.root: {root} is not a file (filelist expects a text file)")
-    try:
-        text = root.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"data.root: {root} is not UTF-8 text ({error})") from None
-    paths, labels = [], []
+    text = _decode_list(root, root.read_bytes())
+    paths, labels, lines = [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         tokens = line.rsplit(None, 1)
         label = _parse_label(tokens[1]) if len(tokens) == 2 else None
+        if len(tokens) == 2 and label is None and _NUMBER_LIKE.fullmatch(tokens[1]):
+            raise ConfigError(
+                f"data.root: {root} line {number}: label {tokens[1]!r} is not a class index; "
+                f"labels are integers 0..{MAX_LABEL:,}"
+            )
         path = tokens[0] if label is not None else line
         if label is not None and not 0 <= label <= MAX_LABEL:
             raise ConfigError(
@@ -418,15 +445,24 @@ def list_filelist(root: Path, split: str) -> DataIndex:
             )
         paths.append(path)
         labels.append(label)
+        lines.append(number)
     labelled = [label is not None for label in labels]
     if any(labelled) and not all(labelled):
-        first = labelled.index(not labelled[0]) + 1
+        first = labelled.index(not labelled[0])
         raise ConfigError(
-            f"data.root: {root} mixes lines with and without labels (entry {first} differs "
-            "from the first); label every line or none"
+            f"data.root: {root} mixes lines with and without labels (line {lines[first]} "
+            f"differs from line {lines[0]}); label every line or none"
         )
     if paths and all(labelled):
-        classes = tuple(str(i) for i in range(max(labels) + 1))
+        top = max(range(len(labels)), key=labels.__getitem__)
+        num_classes = labels[top] + 1
+        if num_classes > max(len(paths), FREE_CLASSES):
+            raise ConfigError(
+                f"data.root: {root} line {lines[top]}: label {labels[top]} implies "
+                f"{num_classes:,} classes, more than the {len(paths):,} images listed; labels "
+                "are class indices 0, 1, 2, ... (number the classes from 0 without gaps)"
+            )
+        classes = tuple(str(i) for i in range(num_classes))
         return index_from_names("filelist", split, root.parent, paths, labels, classes)
     return index_from_names("filelist", split, root.parent, paths)
 
