@@ -1,9 +1,10 @@
 """Command line: subcommands -> validated config -> train/evaluate. No logic of its own.
 
-Exit codes: 0 success; 1 an unexpected internal error; 2 a user error (bad config, missing
-data, unreadable checkpoint), printed as one line without a traceback; 3 the loss or gradients
-stopped being finite; 143 stopped by SIGTERM/SIGINT after writing a checkpoint (resume with
-``--resume``).
+Exit codes: 0 success; 1 an unexpected internal error (a bug: it keeps its traceback); 2 a
+user error (bad config, missing or damaged data or checkpoint, a run folder in use, a full or
+read-only disk, more memory than the machine has), printed as one line without a traceback
+(``errors.py``); 3 the loss, gradients or weights stopped being finite; 143 stopped by
+SIGTERM/SIGINT after writing a checkpoint (resume with ``--resume``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
+from simclrkit.errors import EXIT_USER_ERROR, UserError, describe
+
 EXIT_NONFINITE = 3
 
 
@@ -102,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--include-head", action="store_true", help="safetensors: keep the projection head too"
     )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file (and its card)"
+    )
 
     embed = sub.add_parser("embed", help="compute h for image files and folders")
     embed.add_argument("checkpoint", help="a training checkpoint, run folder or safetensors export")
@@ -110,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--device", default="auto")
     embed.add_argument("--quiet", action="store_true")
+    embed.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file (and its list)"
+    )
 
     show = sub.add_parser(
         "show-augmentations", help="save a grid of source images and their augmented views"
@@ -122,11 +130,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_results(summary: dict) -> None:
+    from simclrkit.report import number
+
     evaluation = summary.get("eval", {})
     print(
         f"pretrained {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
         f"{summary['train_seconds']:.0f}s at {summary['images_per_second']:.0f} images/s; "
-        f"final loss {summary['final_loss']:.4f}"
+        f"final loss {number(summary['final_loss'], '.4f')}"
     )
     if "linear_top1" in evaluation:
         line = f"linear evaluation on frozen features: top-1 {evaluation['linear_top1']:.4f}"
@@ -196,8 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     # Imports stay inside main so `simclrkit --help` is instant.
-    from simclrkit.checkpoint import CheckpointError
-    from simclrkit.config import ConfigError, list_recipes, load_config
+    from simclrkit.config import list_recipes, load_config
 
     try:
         if args.command == "recipes":
@@ -228,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from simclrkit.export import export_checkpoint, model_card_path
 
             out = export_checkpoint(
-                args.checkpoint, args.format, args.out, include_head=args.include_head
+                args.checkpoint, args.format, args.out, include_head=args.include_head,
+                overwrite=args.overwrite,
             )
             print(f"wrote {out} and its model card {model_card_path(out)}")
             return 0
@@ -237,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = embed_images(
                 args.checkpoint, args.images, args.out, batch_size=args.batch_size,
-                device=args.device, quiet=args.quiet,
+                device=args.device, quiet=args.quiet, overwrite=args.overwrite,
             )
             print(
                 f"embedded {result['count']} images ({result['dim']}-d) into {result['out']}; "
@@ -281,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print_results(summary)
                 print(f"run folder: {args.run_dir} (report.md, summary.json, checkpoints/last.pt)")
             return 0
-    except (ConfigError, CheckpointError) as error:
-        print(f"simclrkit: error: {error}", file=sys.stderr)
+    except (UserError, OSError, MemoryError) as error:
+        # Input, files, folders, disks, memory: one line that names the thing and the fix.
+        print(f"simclrkit: error: {describe(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 1
 

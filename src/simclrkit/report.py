@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from simclrkit.checkpoint import atomic_write
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Step records of ``metrics.jsonl``, one per step (the latest wins), sorted by step.
@@ -72,6 +74,11 @@ def _resumes(path: Path) -> list[int]:
     return steps
 
 
+def number(value: object, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "n/a" when it is missing (null in the JSON)."""
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Writes ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
@@ -91,10 +98,11 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# simclrkit run: {run_dir.name}", ""]
     if summary:
         lines += [
-            f"- steps: {summary.get('steps')} ({summary.get('epochs', 0):.2f} epochs), "
-            f"final loss {summary.get('final_loss', float('nan')):.4f}",
-            f"- training time: {summary.get('train_seconds', 0):.0f} s at "
-            f"{summary.get('images_per_second', 0):.0f} images/s; "
+            f"- steps: {summary.get('steps')} "
+            f"({number(summary.get('epochs', 0), '.2f')} epochs), "
+            f"final loss {number(summary.get('final_loss'), '.4f')}",
+            f"- training time: {number(summary.get('train_seconds', 0), '.0f')} s at "
+            f"{number(summary.get('images_per_second', 0), '.0f')} images/s; "
             f"skipped (non-finite) steps: {summary.get('skipped_steps', 0)}",
         ]
         data = summary.get("data", {})
@@ -121,31 +129,35 @@ def write_report(run_dir: str | Path) -> Path:
             lines += [
                 f"On a class-balanced subsample of {evaluation['eval_train_images']} training and "
                 f"{evaluation['eval_test_images']} test images, in "
-                f"{evaluation.get('eval_seconds', 0):.0f} s (budget "
-                f"{evaluation.get('eval_budget_seconds', 0):.0f} s){': ' + notes if notes else ''}.",
+                f"{number(evaluation.get('eval_seconds', 0), '.0f')} s (budget "
+                f"{number(evaluation.get('eval_budget_seconds', 0), '.0f')} s)"
+                f"{': ' + notes if notes else ''}.",
                 "",
             ]
         lines += ["| protocol | top-1 | top-5 |", "| --- | --- | --- |"]
         if "linear_top1" in evaluation:
             lines.append(
-                f"| linear (logistic regression on frozen h) | {evaluation['linear_top1']:.4f} "
-                f"| {evaluation.get('linear_top5', float('nan')):.4f} |"
+                "| linear (logistic regression on frozen h) | "
+                f"{number(evaluation['linear_top1'], '.4f')} "
+                f"| {number(evaluation.get('linear_top5'), '.4f')} |"
             )
         if "random_init_linear_top1" in evaluation:
             lines.append(
-                f"| same encoder, random initialisation | {evaluation['random_init_linear_top1']:.4f}"
-                f" | {evaluation.get('random_init_linear_top5', float('nan')):.4f} |"
+                "| same encoder, random initialisation | "
+                f"{number(evaluation['random_init_linear_top1'], '.4f')}"
+                f" | {number(evaluation.get('random_init_linear_top5'), '.4f')} |"
             )
         if "knn_top1" in evaluation:
             lines.append(
-                f"| kNN (k=200) on frozen h | {evaluation['knn_top1']:.4f} "
-                f"| {evaluation.get('knn_top5', float('nan')):.4f} |"
+                f"| kNN (k=200) on frozen h | {number(evaluation['knn_top1'], '.4f')} "
+                f"| {number(evaluation.get('knn_top5'), '.4f')} |"
             )
     if made:
         lines += ["", "## Training curves", ""]
         lines += [f"![{title}](plots/{name})" for title, name in made]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write(report, lambda handle: handle.write(text.encode()))
     return report
 
 

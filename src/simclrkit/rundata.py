@@ -30,6 +30,7 @@ from typing import Any
 from simclrkit import distributed
 from simclrkit.config import FILE_DATASETS, Config, ConfigError
 from simclrkit.data import ImageArray, ImageFiles, load_run_data
+from simclrkit.errors import UserError, describe
 from simclrkit.imagefiles import load_image_files
 from simclrkit.index import DataIndex, build_index, load_index
 
@@ -89,8 +90,8 @@ def prepare_train_data(
         try:
             index = _main_index(config, run_dir, saved, resuming=resuming, force=force)
             outcome = ("ok", index.fingerprint)
-        except ConfigError as error:
-            outcome = ("error", str(error))
+        except (UserError, OSError) as error:  # every process stops with rank 0's reason
+            outcome = ("error", describe(error))
     outcome = distributed.broadcast_object(outcome)
     if outcome[0] == "error":
         raise ConfigError(outcome[1])

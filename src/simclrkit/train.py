@@ -46,10 +46,16 @@ from typing import Any
 import torch
 
 from simclrkit import config as config_lib
-from simclrkit import distributed
+from simclrkit import distributed, jsonout, runfolder
 from simclrkit.augment import SimCLRAugment
 from simclrkit.badfiles import BadFileLedger
-from simclrkit.checkpoint import CheckpointManager, load_checkpoint
+from simclrkit.budget import check_training_memory
+from simclrkit.checkpoint import (
+    CheckpointManager,
+    atomic_write,
+    load_checkpoint,
+    validate_training_checkpoint,
+)
 from simclrkit.config import Config, ConfigError, Plan
 from simclrkit.data import ImageArray, ImageFiles, dataset_summary
 from simclrkit.filebatches import FileChunks
@@ -96,7 +102,8 @@ _RESUME_MAY_CHANGE = {
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or a gradient became NaN or infinite under the ``stop`` policy."""
+    """The loss or a gradient became NaN or infinite under the ``stop`` policy, or an
+    optimiser step made the weights non-finite (under either policy)."""
 
 
 class Preempted(Exception):
@@ -255,7 +262,13 @@ class _Progress:
 
 
 class _RunLog:
-    """``metrics.jsonl`` (append-only) and TensorBoard, written by the main process only."""
+    """``metrics.jsonl`` (append-only) and TensorBoard, written by the main process only.
+
+    A resumed run repeats the steps after its checkpoint, so on resume the lines a stopped run
+    logged after that step (and a final evaluation that is about to be redone) are dropped
+    first, as is a line cut short by a kill: the file shows each step once after any number
+    of resumes, as TensorBoard does with ``purge_step``.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, resumed_at: int | None) -> None:
         self.path = run_dir / "metrics.jsonl"
@@ -263,6 +276,9 @@ class _RunLog:
         self.tensorboard = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
+
+            if resumed_at is not None and self.path.exists():
+                self._truncate(resumed_at)
 
             # purge_step drops events a killed run logged after its last checkpoint.
             self.tensorboard = SummaryWriter(run_dir / "tb", purge_step=resumed_at)
@@ -275,10 +291,24 @@ class _RunLog:
             return
         # Append-only, one flushed line per record: a crash loses at most the line being written.
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(jsonout.dumps(record) + "\n")
             handle.flush()
         for key in scalars:
             self.tensorboard.add_scalar(f"{prefix}{key}", record[key], record["step"])
+
+    def _truncate(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut short by a kill
+            at = record.get("step", 0) if isinstance(record, dict) else 0
+            if at > step or (at == step and record.get("event") == "eval"):
+                continue
+            kept.append(line + "\n")
+        text = "".join(kept)
+        atomic_write(self.path, lambda handle: handle.write(text.encode()))
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -360,10 +390,12 @@ def pretrain(
                     f"{info.world_size} processes takes GPU LOCAL_RANK; use cuda or auto"
                 )
             device = torch.device("cuda", info.local_rank)
-        return _pretrain(
-            config, Path(run_dir), device, info, resume=resume, force=force,
-            quiet=quiet or not info.is_main,
-        )
+        # One owner per run folder for the run's whole life (runfolder.py).
+        with runfolder.claim_for_job(run_dir, info):
+            return _pretrain(
+                config, Path(run_dir), device, info, resume=resume, force=force,
+                quiet=quiet or not info.is_main,
+            )
     finally:
         if info.initialized_here:
             distributed.shutdown()
@@ -381,7 +413,6 @@ def _pretrain(
 ) -> dict[str, Any]:
     import yaml
 
-    from simclrkit.runeval import evaluate_run
     from simclrkit.report import write_report
 
     precision = resolve_precision(config.train.precision, device)
@@ -391,7 +422,12 @@ def _pretrain(
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=config.train.keep_last)
     latest = checkpoints.latest()
     restart_count, launch_id = _torchrun_launch()
-    state = load_checkpoint(latest) if latest is not None and (resume or restart_count) else None
+    state = None
+    if latest is not None and (resume or restart_count):
+        # Checked like any checkpoint before a model is built from it (checkpoint.py).
+        state = validate_training_checkpoint(
+            load_checkpoint(latest), str(latest), need_config=True, need_head=True
+        )
     if not resume and state is not None:
         # torchrun restarted the workers after a failure: continue from the checkpoint this
         # same job (same rendezvous id) wrote, never from another run that is in the folder.
@@ -436,11 +472,24 @@ def _pretrain(
             "e.g. data.image_size=224"
         )
     arch = architecture(config, plan)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(
-            yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)
+    if state is not None and state["architecture"] != arch:
+        # --force lets a resumed run change how it trains, never the shape of what it trains.
+        changed = [
+            f"{key}: {state['architecture'][key]!r} -> {arch[key]!r}"
+            for key in arch if state["architecture"][key] != arch[key]
+        ]
+        raise ConfigError(
+            f"--resume: the checkpoint's model differs from this config's ({'; '.join(changed)}); "
+            "a run cannot change its model's shape, even with --force: start a new --run-dir"
         )
+    # What the run will allocate, against what the machine has, before anything is built.
+    check_training_memory(
+        arch, batch_per_device=plan.batch_size_per_device,
+        micro_batch_size=config.train.micro_batch_size, device=device, precision=precision,
+    )
+    if main:
+        text = yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)
+        atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
     if not quiet:
         print(f"simclrkit: {len(train_data)} training images; {plan}", file=sys.stderr)
 
@@ -463,6 +512,7 @@ def _pretrain(
     )
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start_step, skipped_steps, train_seconds = 0, 0, 0.0
+    last_record: dict[str, Any] | None = None  # the newest metrics line, kept in checkpoints
     if state is not None:
         model.encoder.load_state_dict(state["encoder"])
         model.head.load_state_dict(state["head"])
@@ -473,6 +523,7 @@ def _pretrain(
         start_step = state["step"]
         skipped_steps = state.get("skipped_steps", 0)
         train_seconds = state.get("train_seconds", 0.0)
+        last_record = state.get("last_record")
     # The module that runs forward passes; `model` stays the plain one (state dicts, eval).
     forward_model = torch.compile(model) if config.train.compile else model
     forward_model = distributed.wrap_ddp(forward_model, device)
@@ -492,9 +543,19 @@ def _pretrain(
         state=state.get("bad_files") if state else None,
     )  # fmt: skip
     log = _RunLog(run_dir, main, resumed_at=start_step if state else None)
-    log.write({"event": "resume" if state else "start", "step": start_step, "time": time.time()})
+    if start_step < plan.total_steps:  # a finished run resumed trains nothing: no new event
+        log.write({"event": "resume" if state else "start", "step": start_step, "time": time.time()})
 
     def save(step: int) -> None:
+        # The last optimiser step is checked by no gradient after it: a step that made the
+        # weights non-finite (a huge weight decay, say) must never become the checkpoint.
+        if distributed.all_reduce_any(not _weights_finite(model)):
+            raise NonFiniteLossError(
+                f"the optimiser step at step {step} made the weights non-finite; nothing was "
+                "checkpointed after it. Lower optim.lr or optim.weight_decay, or check the data."
+            )
+        # The summary reports the final checkpoint's time, so a resumed finished run matches.
+        seconds = saved_seconds[0] = train_seconds + (time.perf_counter() - window_start)
         # The state is the same on every process (DDP keeps it so); rank 0 writes it.
         if not main:
             return
@@ -509,20 +570,21 @@ def _pretrain(
                 "config": config_lib.to_dict(config),
                 "architecture": arch,
                 "skipped_steps": skipped_steps,
-                "train_seconds": train_seconds + (time.perf_counter() - window_start),
+                "train_seconds": seconds,
                 "world_size": info.world_size,
                 "launch_id": launch_id,
                 "data": data_record,
                 "bad_files": ledger.state_dict(),
+                "last_record": last_record,
                 **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             step,
         )
 
+    saved_seconds = [train_seconds]  # training time as the newest checkpoint records it
     progress = _Progress(plan.total_steps, start_step, quiet, config.train.log_every)
     model.train()
     window_start, window_images = time.perf_counter(), 0
-    last_record: dict[str, Any] | None = None
     workers = auto_workers(
         config.data.num_workers, in_memory=isinstance(train_data, ImageArray),
         device_type=device.type,
@@ -600,19 +662,24 @@ def _pretrain(
                 save(done)
     progress.close()
     distributed.barrier()  # the last checkpoint is written before any process leaves
+    train_seconds = saved_seconds[0]
+    if distributed.all_reduce_any(stop.signal_name is not None):
+        # Asked to stop during the last step or its checkpoint: stop before the evaluation,
+        # which a resume then runs (nothing is left to train).
+        log.write({"event": "preempted", "step": plan.total_steps, "time": time.time()})
+        log.close()
+        raise Preempted(plan.total_steps, stop.signal_name or "a signal to another process")
 
-    if last_record is None and main:  # resumed at the end: nothing was trained here
-        last_record = json.loads(log.path.read_text().splitlines()[-1])
+    # Everything below is a function of the final checkpoint's state, so resuming a finished
+    # run (a requeued job) reproduces the same summary instead of one of nothing trained.
     summary: dict[str, Any] = {
         "steps": plan.total_steps,
         "epochs": plan.total_steps / plan.steps_per_epoch,
-        "final_loss": (last_record or {}).get("loss", float("nan")),
+        "final_loss": (last_record or {}).get("loss"),
         "skipped_steps": skipped_steps,
         "precision": precision,
         "train_seconds": train_seconds,
-        "images_per_second": (plan.total_steps - start_step)
-        * plan.global_batch_size
-        / max(train_seconds - (state or {}).get("train_seconds", 0.0), 1e-9),
+        "images_per_second": plan.total_steps * plan.global_batch_size / max(train_seconds, 1e-9),
         "data": {**dataset_summary(train_data), **ledger.summary()},
         "plan": asdict(plan),
         "resumed_from_step": start_step if state else None,
@@ -621,32 +688,74 @@ def _pretrain(
     if config.eval.linear and train_data.labels is None and not quiet:
         print("simclrkit: no linear evaluation: the pretraining images have no labels",
               file=sys.stderr)
-    if config.eval.linear and train_data.labels is not None:
-        def random_encoder() -> torch.nn.Module:
-            torch.manual_seed(config.seed)  # the exact weights this run started from
-            return build_model(arch).encoder
-
-        # A plain-BatchNorm copy under several processes: every one extracts features of its
-        # own share, and SyncBatchNorm must never wait for the others there.
-        encoder = model.encoder
-        if info.world_size > 1:
-            encoder = build_model(arch).encoder.to(device)
-            encoder.load_state_dict(model.encoder.state_dict())
-        summary["eval"] = evaluate_run(
-            encoder, random_encoder, config, image_size=plan.image_size, device=device,
-            train_seconds=train_seconds, info=info, workers=workers, seed=config.seed,
-            quiet=quiet,
+    # A finished run resumed (a requeued job) keeps the evaluation it wrote, not a second draw.
+    finished = _finished_summary(run_dir, plan.total_steps, config) if main else None
+    finished = distributed.broadcast_object(finished if start_step == plan.total_steps else None)
+    if finished is not None:
+        # Resumed with nothing left to train: the run's summary is the one it finished with.
+        summary["resumed_from_step"] = finished.get("resumed_from_step")
+    if finished is not None and "eval" in finished:
+        summary["eval"] = finished["eval"]
+    elif config.eval.linear and train_data.labels is not None:
+        summary["eval"] = _evaluate(model, arch, config, plan, device, info, workers,
+                                    train_seconds, quiet)
+    if summary.get("eval"):
+        log.write(
+            {"event": "eval", "step": plan.total_steps, **summary["eval"]},
+            tuple(k for k, v in summary["eval"].items() if isinstance(v, float)),
+            "eval/",
         )
-        if summary["eval"]:
-            log.write(
-                {"event": "eval", "step": plan.total_steps, **summary["eval"]},
-                tuple(k for k, v in summary["eval"].items() if isinstance(v, float)),
-                "eval/",
-            )
     if not main:
         return summary
     log.close()
+    summary["eval_settings"] = config_lib.to_dict(config)["eval"]
     summary["wall_seconds"] = time.perf_counter() - started
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    jsonout.write_json(run_dir / "summary.json", summary)
     write_report(run_dir)
     return summary
+
+
+def _evaluate(
+    model: SimCLR, arch: dict[str, Any], config: Config, plan: Plan, device: torch.device,
+    info: distributed.DistInfo, workers: int, train_seconds: float, quiet: bool,
+) -> dict[str, Any]:
+    """The end-of-run evaluation (``runeval.py``) of the trained encoder and its random start."""
+    from simclrkit.runeval import evaluate_run
+
+    def random_encoder() -> torch.nn.Module:
+        torch.manual_seed(config.seed)  # the exact weights this run started from
+        return build_model(arch).encoder
+
+    # A plain-BatchNorm copy under several processes: every one extracts features of its
+    # own share, and SyncBatchNorm must never wait for the others there.
+    encoder = model.encoder
+    if info.world_size > 1:
+        encoder = build_model(arch).encoder.to(device)
+        encoder.load_state_dict(model.encoder.state_dict())
+    return evaluate_run(
+        encoder, random_encoder, config, image_size=plan.image_size, device=device,
+        train_seconds=train_seconds, info=info, workers=workers, seed=config.seed, quiet=quiet,
+    )
+
+
+def _finished_summary(run_dir: Path, total_steps: int, config: Config) -> dict[str, Any] | None:
+    """The summary.json a finished run wrote, when its evaluation is what ``config`` asks
+    for (a resumed finished run keeps it rather than drawing the evaluation again)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != total_steps:
+        return None
+    if summary.get("eval_settings") != config_lib.to_dict(config)["eval"]:
+        return None
+    return summary
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and buffer is finite (one host sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    # isfinite per tensor, not a sum: large finite weights can sum to infinity.
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
