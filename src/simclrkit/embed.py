@@ -4,6 +4,13 @@
 decoding as training (``data.py``), and writes ``.npy`` or ``.parquet``. The encoder is read by
 :func:`simclrkit.export.load_encoder` and each image gets its test-time view
 (:class:`simclrkit.export.Preprocess`), as in evaluation.
+
+File names are bytes on Linux and may hold anything but ``/`` and NUL, newlines and bytes
+that are not UTF-8 included; pretraining reads such files, so embedding does too. A ``.npy``
+output names its rows in a UTF-8 text file, one name per line, which cannot hold those
+names: they are refused before any image is embedded, with the suggestion to write
+``.parquet``, which stores every name exactly. The output is written whole or not at all
+(:class:`simclrkit.export.StagedOutputs`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,61 @@ import numpy as np
 import torch
 
 from simclrkit.config import ConfigError
-from simclrkit.export import Preprocess, _write_atomically, load_encoder
+from simclrkit.export import (
+    Preprocess,
+    StagedOutputs,
+    _checkpoint_file,
+    _input_files,
+    check_outputs,
+    load_encoder,
+)
 
-__all__ = ["embed_images"]
+__all__ = ["embed_images", "files_list_path", "shown_name"]
+
+
+# --------------------------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------------------------
+
+
+def files_list_path(out_path: str | os.PathLike) -> Path:
+    """The list of file names beside a ``.npy`` output: ``<out>.files.txt``."""
+    return Path(f"{out_path}.files.txt")
+
+
+def shown_name(path: str) -> str:
+    """A file name as one readable line: its bytes as UTF-8, any byte that is not UTF-8 as
+    ``\\xNN``, and control characters (newlines included) escaped as Python writes them."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(
+        char if char.isprintable() or char == " " else repr(char)[1:-1] for char in text
+    )
+
+
+def _unlistable(path: str) -> str | None:
+    """Why ``path`` cannot be one line of a UTF-8 list, or None if it can."""
+    if path.splitlines() != [path]:
+        # Every separator str.splitlines knows (\n, \r, \x0b, \x85, \u2028, ...), so the
+        # list has one line per row however it is read.
+        return "contains a line break"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def _check_listable(paths: Sequence[str], out: Path) -> None:
+    """Refuses, before any work, names that a ``.npy`` output's file list cannot hold."""
+    for path in paths:
+        reason = _unlistable(path)
+        if reason is not None:
+            parquet = out.with_name(out.name.removesuffix(".npy") + ".parquet")
+            raise ConfigError(
+                f"--out: the file name {shown_name(path)!s} {reason}, so "
+                f"{files_list_path(out)} (one UTF-8 name per line) cannot list it; write "
+                f"--out {parquet} instead (it keeps every name exactly), or rename the file"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +102,7 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
         elif item.is_file():
             found = [str(item)]
         else:
-            raise ConfigError(f"inputs: {item} is neither a file nor a folder")
+            raise ConfigError(f"inputs: {shown_name(str(item))} is neither a file nor a folder")
         for path in found:
             key = os.path.realpath(path)
             if key not in seen:
@@ -52,30 +111,46 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
+def _parquet_writer(paths: list[str], h: np.ndarray, source: str) -> Any:
+    """The function that writes the table (built here, before anything is written)."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    # list<float32> has 32-bit offsets; beyond 2**31 values only large_list can hold them.
+    large = h.size >= 2**31
+    offsets = np.arange(0, h.size + 1, h.shape[1], dtype=np.int64 if large else np.int32)
+    values = pa.array(h.reshape(-1), pa.float32())
+    lists = pa.LargeListArray if large else pa.ListArray
+    embedding = lists.from_arrays(pa.array(offsets), values)
+    readable = [os.fsencode(p).decode("utf-8", "backslashreplace") for p in paths]
+    table = pa.table({
+        "path": pa.array(readable, pa.string()),
+        "path_bytes": pa.array([os.fsencode(p) for p in paths], pa.binary()),
+        "embedding": embedding,
+    })
+    table = table.replace_schema_metadata(
+        {"simclrkit.encoder": shown_name(source), "dim": str(h.shape[1])}
+    )
+    return lambda path: parquet.write_table(table, path)
+
+
 def _write_embeddings(out: Path, paths: list[str], h: np.ndarray, source: str) -> Path | None:
-    """Writes .npy (+ ``<out>.files.txt``) or .parquet; returns the sidecar's path if any."""
-    if out.name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as parquet
+    """Writes .npy plus its file list, or .parquet, whole; returns the list's path if any."""
+    with StagedOutputs() as staged:
+        if out.name.endswith(".parquet"):
+            staged.write(out, _parquet_writer(paths, h, source))
+            sidecar = None
+        else:
+            listing = "".join(p + "\n" for p in paths).encode("utf-8")  # checked up front
 
-        # list<float32> has 32-bit offsets; beyond 2**31 values only large_list can hold them.
-        large = h.size >= 2**31
-        offsets = np.arange(0, h.size + 1, h.shape[1], dtype=np.int64 if large else np.int32)
-        values = pa.array(h.reshape(-1), pa.float32())
-        lists = pa.LargeListArray if large else pa.ListArray
-        embedding = lists.from_arrays(pa.array(offsets), values)
-        table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding})
-        table = table.replace_schema_metadata({"simclrkit.encoder": source, "dim": str(h.shape[1])})
-        _write_atomically(out, lambda path: parquet.write_table(table, path))
-        return None
+            def save(path: str) -> None:
+                with open(path, "wb") as handle:  # a handle: np.save would append ".npy"
+                    np.save(handle, h)
 
-    def save(path: str) -> None:
-        with open(path, "wb") as handle:  # a handle: np.save would append ".npy" to a name
-            np.save(handle, h)
-
-    _write_atomically(out, save)
-    sidecar = Path(f"{out}.files.txt")
-    _write_atomically(sidecar, lambda path: Path(path).write_text("".join(p + "\n" for p in paths)))
+            staged.write(out, save)
+            sidecar = files_list_path(out)
+            staged.write(sidecar, lambda path: Path(path).write_bytes(listing))
+        staged.commit()
     return sidecar
 
 
@@ -87,6 +162,7 @@ def embed_images(
     batch_size: int = 256,
     device: str = "auto",
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Computes h for every image of ``inputs`` and writes them to ``out_path``.
 
@@ -96,8 +172,18 @@ def embed_images(
     skipped, printed once each and returned. Each image gets the test-time view
     (:class:`Preprocess`), as in evaluation.
 
-    Output: ``.npy`` holds float32 (N, D) with ``<out>.files.txt`` naming row i's file on line i;
-    ``.parquet`` has columns ``path`` (string) and ``embedding`` (list<float32>).
+    Output:
+
+    * ``.npy``: float32 (N, D), with ``<out>.files.txt`` naming row i's file on line i (UTF-8,
+      one name per line). A name with a line break or bytes that are not UTF-8 cannot be
+      listed so: such names are refused before any work (use ``.parquet``).
+    * ``.parquet``: columns ``path`` (string: the name for reading, bytes that are not UTF-8
+      shown as ``\\xNN``), ``path_bytes`` (binary: the exact name, ``os.fsencode``; open the
+      file with ``open(os.fsdecode(path_bytes))`` or the bytes themselves) and ``embedding``
+      (list<float32>).
+
+    Both are written whole or not at all (the .npy and its list together), never over an
+    input, and never over an existing file unless ``overwrite``.
 
     Args:
         checkpoint_path: a training checkpoint, run folder or safetensors export.
@@ -106,24 +192,31 @@ def embed_images(
         batch_size: images per forward pass.
         device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
         quiet: no progress bar (skipped files are still listed on stderr).
+        overwrite: replace an existing output (and its file list).
 
     Returns:
         ``{"count": N, "skipped": [{"path", "reason"}, ...], "dim": D, "out": path, "files":
         sidecar path or None}``.
 
     Raises:
-        ConfigError: a bad output name, batch size, device or input path; no image files; no
-            file that decodes; pyarrow missing for parquet.
-        CheckpointError: the checkpoint is not a simclrkit checkpoint or export.
+        ConfigError: a bad output name, batch size, device or input path; an output that is
+            an input, a folder, or exists without ``overwrite``; a name a .npy list cannot
+            hold; no image files; no file that decodes; pyarrow missing for parquet.
+        CheckpointError: the checkpoint is not a simclrkit checkpoint or export, or is damaged.
     """
     from tqdm import tqdm
 
     from simclrkit.data import DEFAULT_MAX_IMAGE_PIXELS, decode_file, to_chw
 
     out = Path(out_path)
+    parquet = out.name.endswith(".parquet")
+    if out.is_dir():
+        raise ConfigError(
+            f"--out: {out} is a folder; name the file to write, e.g. {out / 'embeddings.npy'}"
+        )
     if not out.name.endswith((".npy", ".parquet")):
         raise ConfigError(f"--out: {out} must end with .npy or .parquet")
-    if out.name.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+    if parquet and importlib.util.find_spec("pyarrow") is None:
         raise ConfigError(
             "--out: writing .parquet needs pyarrow: pip install pyarrow (or write .npy)"
         )
@@ -137,6 +230,12 @@ def embed_images(
     paths = _expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"inputs: no image files found in {', '.join(map(str, inputs))}")
+    outputs = [(out, "embeddings")] + ([] if parquet else [(files_list_path(out), "file list")])
+    sources = [*_input_files(checkpoint_path), *map(Path, paths)]
+    check_outputs(outputs, sources, overwrite=overwrite, example="embeddings.npy")
+    if not parquet:
+        _check_listable(paths, out)
+    _checkpoint_file(checkpoint_path)  # a missing checkpoint is named before the encoder loads
     encoder = load_encoder(checkpoint_path, device=target)
     # Preprocess on the CPU, next to the decoder; one transfer per batch.
     preprocess = Preprocess(encoder.preprocess.image_size, encoder.preprocess.in_channels)
@@ -162,7 +261,7 @@ def embed_images(
                 if pixels is None:
                     skipped.append({"path": path, "reason": reason})
                     # Always said, also when quiet: a skipped file is a result, not progress.
-                    tqdm.write(f"simclrkit: skipping {path}: {reason}", file=sys.stderr)
+                    tqdm.write(f"simclrkit: skipping {shown_name(path)}: {reason}", file=sys.stderr)
                     continue
                 views.append(preprocess(to_chw(pixels)))
                 kept.append(path)

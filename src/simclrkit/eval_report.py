@@ -41,7 +41,7 @@ import torch
 from simclrkit import config as config_lib
 from simclrkit import distributed, evaluate
 from simclrkit import finetune as finetune_lib
-from simclrkit.checkpoint import load_checkpoint
+from simclrkit.checkpoint import CheckpointError, load_trained_checkpoint
 from simclrkit.config import Config, ConfigError, DataConfig
 from simclrkit.data import load_dataset
 from simclrkit.evaluate import Source
@@ -365,7 +365,8 @@ def evaluate_checkpoint(
 
     Raises:
         ConfigError: unlabelled data or no test split, bad settings or protocol names.
-        CheckpointError: the checkpoint is missing or unreadable.
+        CheckpointError: the checkpoint is missing or unreadable, or its architecture,
+            config or tensors are damaged (``checkpoint.load_trained_checkpoint``).
     """
     protocols = _parse_protocols(protocols)
     target = select_device(device)
@@ -402,7 +403,10 @@ def _evaluate_checkpoint(
     if "finetune" in protocols:
         finetune_lib.class_balanced_subset([0], label_fraction)  # validates before any work
     checkpoint_path = Path(checkpoint_path)
-    state = load_checkpoint(checkpoint_path)
+    # Validated before any data is read: architecture, config and every tensor's shape, so a
+    # damaged or forged checkpoint is one CheckpointError line, never a KeyError or a model
+    # the size of the machine. The head is needed by fine-tuning's projection layers.
+    state = load_trained_checkpoint(checkpoint_path, need_config=True, need_head=True)
     run_config = config_lib.from_dict(state["config"])
     arch = state["architecture"]
     dataset = settings.dataset or run_config.data.dataset
@@ -429,8 +433,14 @@ def _evaluate_checkpoint(
             print(f"simclrkit eval: {message}", file=sys.stderr, flush=True)
 
     model = build_model(arch)
-    model.encoder.load_state_dict(state["encoder"])
-    model.head.load_state_dict(state["head"])
+    try:
+        model.encoder.load_state_dict(state["encoder"])
+        model.head.load_state_dict(state["head"])
+    except (RuntimeError, TypeError, ValueError) as error:  # shapes matched: a dtype, say
+        raise CheckpointError(
+            f"{checkpoint_path}: the stored weights cannot be loaded into the stored "
+            f"architecture ({str(error).splitlines()[0]})"
+        ) from None
     frozen = any(p in ("linear", "knn") for p in protocols) and settings.linear_protocol == "lbfgs"
     subjects = _Subjects(model.to(device).eval(), arch, run_config.seed, train, test,
                          batch_size=settings.batch_size, device=device, max_bad_fraction=max_bad,
@@ -439,7 +449,7 @@ def _evaluate_checkpoint(
     train, test = subjects.train, subjects.test  # without the files that did not decode
     if not info.is_main:
         return []  # features shared; the protocols, plots and files are the main process's
-    log(f"{checkpoint_path} (step {state['step']}) on {dataset}: {len(train)} train / "
+    log(f"{checkpoint_path} (step {state.get('step')}) on {dataset}: {len(train)} train / "
         f"{len(test)} test images, {num_classes} classes, {device}")
 
     results: list[dict[str, Any]] = []
@@ -478,7 +488,7 @@ def _evaluate_checkpoint(
         ))
     header = {
         "checkpoint": str(checkpoint_path),
-        "step": state["step"],
+        "step": state.get("step"),
         "dataset": dataset,
         "num_train": len(train),
         "num_test": len(test),

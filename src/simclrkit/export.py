@@ -8,10 +8,13 @@ into files other code can use, and back into a module:
   with metadata, TorchScript or ONNX, each with a model card ``<out>.MODEL_CARD.md`` beside
   it. The card's name is the export's name plus a suffix (``encoder.onnx.MODEL_CARD.md``), so
   several exports can share a folder without overwriting each other's cards. The card's text
-  is written by ``modelcard.py``.
+  is written by ``modelcard.py``. An export never replaces its own input, a folder or (unless
+  asked to) an existing file, and appears whole with its card or not at all
+  (:func:`check_outputs`, :class:`StagedOutputs`, also used by ``embed.py``).
 * :func:`load_encoder` rebuilds the encoder from a training checkpoint or a safetensors export
   (weights only: ``torch.load(weights_only=True)`` or safetensors, nothing that can run code)
-  and attaches ``preprocess``, the test-time transform it was evaluated with.
+  and attaches ``preprocess``, the test-time transform it was evaluated with. Both check the
+  file's architecture and every tensor's shape before building anything (``checkpoint.py``).
 
 Embedding folders of images with a loaded encoder is in ``embed.py``
 (:func:`simclrkit.embed.embed_images`).
@@ -29,9 +32,10 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +43,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from simclrkit import __version__
+from simclrkit import __version__, jsonout
 from simclrkit.augment import apply_eval
-from simclrkit.checkpoint import CheckpointError, load_checkpoint
+from simclrkit.checkpoint import (
+    _DAMAGED,
+    CheckpointError,
+    _shown,
+    check_tensor_shapes,
+    is_count,
+    is_finite_number,
+    load_checkpoint,
+    validate_architecture,
+    validate_config,
+    validate_training_checkpoint,
+)
 from simclrkit.config import ConfigError
-from simclrkit.modelcard import _model_card, _preprocessing
+from simclrkit.modelcard import _model_card, _preprocessing, sha256_of
 
 __all__ = [
     "EXPORT_FORMAT",
     "FORMATS",
     "Preprocess",
+    "StagedOutputs",
+    "check_outputs",
     "export_checkpoint",
     "load_encoder",
     "model_card_path",
@@ -107,57 +124,142 @@ def _run_info(path: Path, state: dict[str, Any]) -> dict[str, Any]:
 
     summary.json describes the run's LAST step: its evaluation is used only when the
     checkpoint is that step, so an intermediate checkpoint is never credited with the final
-    model's accuracy. The same holds for eval/eval.json when it records a step.
+    model's accuracy. The same holds for eval/eval.json when it records a step. The run
+    folder's files only describe the model: a fact in them of the wrong type is left out
+    rather than stopping the export.
     """
     info: dict[str, Any] = {
         "step": state.get("step"),
         "train_seconds": state.get("train_seconds"),
-        "config": state.get("config", {}),
+        "config": state.get("config") or {},
     }
     if path.parent.name != "checkpoints":
         return info
     run_dir = path.parent.parent
     summary = _read_json(run_dir / "summary.json")
-    if summary.get("data"):
+    facts: dict[str, Any] = {}
+    if isinstance(summary.get("data"), dict):
         data = dict(summary["data"])
         files = data.pop("skipped_files", [])
-        data["skipped_examples"] = [Path(name).name for name in files[:5]]
-        info["data"] = data
+        if isinstance(files, list):
+            data["skipped_examples"] = [Path(n).name for n in files[:5] if isinstance(n, str)]
+        facts["data"] = data
     if summary.get("plan"):
-        info["plan"] = summary["plan"]
+        facts["plan"] = summary["plan"]
     evaluation: dict[str, Any] = {}
-    if summary.get("eval") and summary.get("steps") == state.get("step"):
+    if isinstance(summary.get("eval"), dict) and summary.get("steps") == state.get("step"):
         evaluation.update(_numbers(summary["eval"]))
     separate = _read_json(run_dir / "eval" / "eval.json")
     if separate and separate.get("step", state.get("step")) == state.get("step"):
         evaluation.update(_numbers(separate))
     if evaluation:
-        info["evaluation"] = evaluation
+        facts["evaluation"] = evaluation
+    for key, value in facts.items():
+        try:
+            info.update(_checked_info({key: value}, str(run_dir / "summary.json")))
+        except CheckpointError:
+            pass
     return info
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = _loads(path.read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a nested dict, keyed "outer.inner" (booleans are not numbers)."""
+    """The finite numeric leaves of a nested dict, keyed "outer.inner" (booleans are not
+    numbers)."""
     flat: dict[str, float] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             flat.update(_numbers(value, f"{prefix}{key}."))
         elif (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
+            is_finite_number(value)
             and key != "step"
-            and not key.endswith("seconds")  # how long evaluation took is not a result
+            and not str(key).endswith("seconds")  # how long evaluation took is not a result
         ):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# The facts the model card formats, and what each must be for that to work.
+_FACT_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "data": {
+        "name": (lambda v: isinstance(v, str), "a string"),
+        "split": (lambda v: isinstance(v, str), "a string"),
+        "size": (is_count, "an integer >= 0"),
+        "skipped": (is_count, "an integer >= 0"),
+        "skipped_examples": (
+            lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+            "a list of file names",
+        ),
+    },
+    "plan": {
+        "steps_per_epoch": (lambda v: is_finite_number(v) and v > 0, "a number > 0"),
+        "scaled_lr": (is_finite_number, "a number"),
+    },
+}
+
+
+def _checked_info(info: Any, source: str) -> dict[str, Any]:
+    """Training facts (step, time, config, data, plan, evaluation) with the types the model
+    card and the metadata rely on; other keys are kept as they are.
+
+    Raises:
+        CheckpointError: naming ``source`` and the first fact of the wrong type.
+    """
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"{source}: the training facts are {type(info).__name__}, not a mapping ({_DAMAGED})"
+        )
+    checked = dict(info)
+    step = info.get("step")
+    if step is not None and not is_count(step):
+        raise CheckpointError(
+            f"{source}: step is {_shown(step)}, not an integer >= 0 ({_DAMAGED})"
+        )
+    seconds = info.get("train_seconds")
+    if seconds is not None and not (is_finite_number(seconds) and seconds >= 0):
+        raise CheckpointError(
+            f"{source}: train_seconds is {_shown(seconds)}, not a number >= 0 ({_DAMAGED})"
+        )
+    if info.get("config"):
+        checked["config"] = validate_config(info["config"], source)
+    elif "config" in info:
+        checked["config"] = {}
+    for section, checks in _FACT_CHECKS.items():
+        if section not in info:
+            continue
+        value = info[section]
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"{source}: {section} is {type(value).__name__}, not a mapping ({_DAMAGED})"
+            )
+        for key, (valid, allowed) in checks.items():
+            if key in value and not valid(value[key]):
+                raise CheckpointError(
+                    f"{source}: {section}.{key} is {_shown(value[key])}; allowed: {allowed} "
+                    f"({_DAMAGED})"
+                )
+    if "evaluation" in info:
+        evaluation = info["evaluation"]
+        if not isinstance(evaluation, dict):
+            raise CheckpointError(
+                f"{source}: evaluation is {type(evaluation).__name__}, not a mapping ({_DAMAGED})"
+            )
+        for key, value in evaluation.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise CheckpointError(
+                    f"{source}: evaluation {_shown(key)} is {_shown(value)}, not a number "
+                    f"({_DAMAGED})"
+                )
+        # null (and NaN from older writers) means "no value": nothing to report.
+        checked["evaluation"] = {k: v for k, v in evaluation.items() if is_finite_number(v)}
+    return checked
 
 
 def _read_checkpoint(path: Path, map_location: str | torch.device) -> _Trained:
@@ -165,38 +267,120 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> _Trained:
         state = load_checkpoint(path, map_location=map_location)
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {_EXPECTED}") from None
-    if not isinstance(state.get("architecture"), dict):
-        raise CheckpointError(f"{path} has no 'architecture' entry; {_EXPECTED}")
+    state = validate_training_checkpoint(state, str(path))
     info = _run_info(path, state)
-    return _Trained(state["encoder"], state.get("head"), state["architecture"], info)
+    return _Trained(state["encoder"], state["head"], state["architecture"], info)
+
+
+_MAX_NESTING = 32  # far deeper than anything simclrkit writes; a forgery's nesting is refused
+
+
+def _too_deep(value: Any, limit: int = _MAX_NESTING) -> bool:
+    """Whether lists and dicts nest deeper than ``limit`` (counted without recursion, so a
+    value nested a thousand deep cannot exhaust Python's stack here or in later readers)."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [
+            item
+            for container in level
+            if isinstance(container, (dict, list))
+            for item in (container.values() if isinstance(container, dict) else container)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` for files and metadata a user hands over: nesting deeper than
+    :data:`_MAX_NESTING` is a ValueError, like any other malformed JSON."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if _too_deep(value):
+        raise ValueError(f"nested deeper than {_MAX_NESTING} levels")
+    return value
+
+
+def _metadata_json(metadata: dict[str, str], key: str, source: str) -> Any:
+    try:
+        return _loads(metadata[key])
+    except ValueError as error:
+        reason = str(error).splitlines()[0][:200]
+        raise CheckpointError(
+            f"{source}: the {key!r} metadata is not valid JSON ({reason}); {_DAMAGED}"
+        ) from None
+
+
+def _parse_export_metadata(metadata: Any, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The validated architecture and training facts of a safetensors export's metadata.
+
+    Raises:
+        CheckpointError: not simclrkit metadata, a newer format, or a missing, unparsable or
+            wrong entry (the message names it).
+    """
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{source}: the safetensors metadata is not text ({_DAMAGED})")
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{source} is a safetensors file without simclrkit metadata (format "
+            f"{_shown(metadata.get('format'))}, not {EXPORT_FORMAT!r}); {_EXPECTED}"
+        )
+    raw_version = metadata.get("format_version", "")
+    if not raw_version.isdigit() or not raw_version.isascii() or len(raw_version) > 9:
+        raise CheckpointError(
+            f"{source}: export format_version is {_shown(raw_version)}, not a version number "
+            f"({_DAMAGED})"
+        )
+    if int(raw_version) > EXPORT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has export format version {int(raw_version)}; this simclrkit reads up "
+            f"to {EXPORT_FORMAT_VERSION}: upgrade simclrkit"
+        )
+    if "architecture" not in metadata:
+        raise CheckpointError(f"{source}: the metadata has no 'architecture' entry ({_DAMAGED})")
+    architecture = validate_architecture(
+        _metadata_json(metadata, "architecture", source), source
+    )
+    info = _metadata_json(metadata, "training", source) if "training" in metadata else {}
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"{source}: the 'training' metadata is {type(info).__name__}, not a mapping "
+            f"({_DAMAGED})"
+        )
+    if "evaluation" in metadata:
+        info = {**info, "evaluation": _metadata_json(metadata, "evaluation", source)}
+    return architecture, _checked_info(info, source)
 
 
 def _read_safetensors(path: Path, map_location: str | torch.device) -> _Trained:
+    """Checks metadata and every tensor's name and shape (read from the header, no data)
+    before loading any tensor."""
     from safetensors import SafetensorError, safe_open
 
+    source = str(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != EXPORT_FORMAT:
+        with safe_open(source, framework="pt", device=str(map_location)) as handle:
+            architecture, info = _parse_export_metadata(handle.metadata() or {}, source)
+            names = list(handle.keys())
+            stray = [n for n in names if not n.startswith(("encoder.", "head."))]
+            if stray:
                 raise CheckpointError(
-                    f"{path} is a safetensors file without simclrkit metadata (format "
-                    f"{metadata.get('format')!r}, not {EXPORT_FORMAT!r}); {_EXPECTED}"
+                    f"{source}: tensor {stray[0]} is neither encoder.* nor head.* ({_DAMAGED})"
                 )
-            if int(metadata.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{path} has export format version {metadata['format_version']}; this "
-                    f"simclrkit reads up to {EXPORT_FORMAT_VERSION}: upgrade simclrkit"
-                )
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            shapes: dict[str, dict[str, tuple[int, ...]] | None] = {"encoder": {}, "head": {}}
+            for name in names:
+                part, _, key = name.partition(".")
+                shapes[part][key] = tuple(handle.get_slice(name).get_shape())
+            if not shapes["head"]:
+                shapes["head"] = None
+            check_tensor_shapes(architecture, shapes, source)
+            tensors = {name: handle.get_tensor(name) for name in names}
     except SafetensorError as error:
         raise CheckpointError(f"cannot read {path} as safetensors ({error}); {_EXPECTED}") from None
-    try:
-        architecture = json.loads(metadata["architecture"])
-        info = json.loads(metadata.get("training", "{}"))
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: damaged simclrkit metadata ({error})") from None
-    if "evaluation" in metadata:
-        info["evaluation"] = json.loads(metadata["evaluation"])
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -207,18 +391,16 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> _Trained:
 def _read_trained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> _Trained:
     """Reads a training checkpoint, a run folder (its checkpoints/last.pt) or a safetensors export.
 
+    Everything a model is built from is validated first (``checkpoint.py``): names, types
+    and bounds of the architecture, the config, and every tensor's shape against the one
+    the architecture implies, so a damaged or forged file fails here, in one line, without
+    allocating the model it claims.
+
     Raises:
-        CheckpointError: missing file, or a file that is not one of these (the message says
-            what was expected).
+        CheckpointError: missing file, or a file that is not one of these, or one whose
+            contents are damaged (the message says what was expected or what is wrong).
     """
-    path = Path(path)
-    if path.is_dir():
-        last = path / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; {_EXPECTED}")
-        path = last
-    if not path.is_file():
-        raise CheckpointError(f"not found: {path}")
+    path = _checkpoint_file(path)
     kind = _file_kind(path)
     if kind == "safetensors":
         return _read_safetensors(path, map_location)
@@ -231,8 +413,25 @@ def _read_trained(path: str | os.PathLike, map_location: str | torch.device = "c
     return _read_checkpoint(path, map_location)
 
 
+def _checkpoint_file(path: str | os.PathLike) -> Path:
+    """The file a checkpoint argument names: itself, or a run folder's checkpoints/last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; {_EXPECTED}")
+        return last
+    if not path.is_file():
+        raise CheckpointError(f"not found: {path}")
+    return path
+
+
 def _build(trained: _Trained) -> nn.Module:
-    """The SimCLR module (encoder f and head g) with the stored weights, in eval mode."""
+    """The SimCLR module (encoder f and head g) with the stored weights, in eval mode.
+
+    Shapes were checked when the file was read; what can still fail here (a dtype that
+    cannot be copied, say) is reported as a damaged file too.
+    """
     from simclrkit.train import build_model
 
     try:
@@ -351,6 +550,151 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 # --------------------------------------------------------------------------------------------
+# Writing outputs whole
+# --------------------------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two names are one file: same device and inode when both exist (symlinks and
+    hard links included), else the same resolved path."""
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def check_outputs(
+    outputs: Sequence[tuple[Path, str]],
+    inputs: Sequence[Path],
+    *,
+    overwrite: bool,
+    example: str,
+) -> None:
+    """Refuses, before any work, outputs that would destroy something.
+
+    Args:
+        outputs: ``(path, what)`` pairs; the first is the ``--out`` file, the others its
+            companions (``what`` names them in messages: "model card", "file list").
+        inputs: the files the command reads; an output may not be one of them, under any name.
+        overwrite: whether existing output files may be replaced.
+        example: a file name to suggest when ``--out`` is a folder.
+
+    Raises:
+        ConfigError: an output is an input, a folder, or exists without ``overwrite``.
+    """
+    out = outputs[0][0]
+    for path, what in outputs:
+        for source in inputs:
+            if _same_file(path, source):
+                raise ConfigError(
+                    f"--out: {path} ({what}) is the input {source} (the same file); writing it "
+                    "would destroy the input: choose another --out"
+                )
+        if path.is_dir():
+            if path == out:
+                raise ConfigError(
+                    f"--out: {path} is a folder; name the file to write, e.g. {path / example}"
+                )
+            raise ConfigError(
+                f"--out: {path}, where the {what} of {out} goes, is a folder: remove it or "
+                "choose another --out"
+            )
+    existing = [(path, what) for path, what in outputs if os.path.lexists(path)]
+    if existing and not overwrite:
+        path, what = existing[0]
+        companions = " and ".join(what for _, what in outputs[1:])
+        also = f" (and its {companions})" if companions else ""
+        raise ConfigError(
+            f"--out: {path} ({what}) already exists; pass --overwrite to replace {out}{also}, "
+            "or choose another --out"
+        )
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StagedOutputs:
+    """Files that appear under their final names together, or not at all.
+
+    Each file is written to a temporary ``.tmp-*`` name beside its destination (the same
+    file system, so renaming is atomic), given the permissions an ordinary new file gets
+    (the umask's: writers that create private 0600 files, as safetensors does, would
+    otherwise make a file meant for sharing unreadable to others), and fsynced. Only when
+    every file is complete does :meth:`commit` rename them into place; if a rename fails,
+    the files already renamed are put back as they were (a file that existed before is
+    restored from a hard link, or a copy where the file system has no hard links). Leaving
+    the ``with`` block without a commit removes every temporary, so an error at any point
+    leaves the destinations exactly as they were.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for temporary, _ in self._staged:
+            temporary.unlink(missing_ok=True)
+        self._staged = []
+
+    def write(self, final: str | os.PathLike, write: Callable[[str], None]) -> Path:
+        """Runs ``write(temporary_path)`` for ``final``; returns the temporary path."""
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = final.parent / f".tmp-{secrets.token_hex(8)}{final.suffix}"
+        self._staged.append((temporary, final))
+        write(str(temporary))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return temporary
+
+    def commit(self) -> None:
+        """Renames every staged file to its final name, all or none."""
+        done: list[tuple[Path, Path | None]] = []  # (final, the earlier file's backup)
+        backup: Path | None = None
+        try:
+            for temporary, final in self._staged:
+                backup = None
+                if os.path.lexists(final):
+                    backup = final.parent / f".tmp-{secrets.token_hex(8)}.previous"
+                    try:
+                        os.link(final, backup, follow_symlinks=False)
+                    except OSError:
+                        shutil.copy2(final, backup, follow_symlinks=False)
+                os.replace(temporary, final)
+                done.append((final, backup))
+                backup = None
+        except BaseException:
+            if backup is not None:  # made for the rename that failed
+                backup.unlink(missing_ok=True)
+            for final, previous in reversed(done):
+                if previous is None:
+                    final.unlink(missing_ok=True)
+                else:
+                    os.replace(previous, final)
+            raise
+        for _, previous in done:
+            if previous is not None:
+                previous.unlink(missing_ok=True)
+        for folder in {final.parent for _, final in self._staged}:
+            _fsync_folder(folder)
+        self._staged = []
+
+
+# --------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------
 
@@ -360,18 +704,26 @@ def model_card_path(out_path: str | os.PathLike) -> Path:
     return Path(f"{out_path}.MODEL_CARD.md")
 
 
-def _write_atomically(out: Path, write: Callable[[str], None]) -> None:
-    """Runs ``write(temporary_path)`` in ``out``'s folder, then renames it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name rather than mkstemp, whose 0600 mode would make a file meant for sharing
-    # private: the writer creates it with the user's usual permissions.
-    temporary = str(out.parent / f".tmp-{secrets.token_hex(8)}{out.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+_EXAMPLE_NAMES = {
+    "torchvision": "encoder.pt",
+    "safetensors": "encoder.safetensors",
+    "torchscript": "encoder.torchscript.pt",
+    "onnx": "encoder.onnx",
+}
+
+
+def _input_files(checkpoint_path: str | os.PathLike) -> list[Path]:
+    """The files an export or embedding reads besides images: the checkpoint and, for a run
+    folder's checkpoint, the summary and evaluation it takes facts from."""
+    path = Path(checkpoint_path)
+    files = [path]
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+        files.append(path)
+    if path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+        files += [run_dir / "summary.json", run_dir / "eval" / "eval.json"]
+    return [file for file in files if file.exists()]
 
 
 def _torchvision_blockers(arch: dict[str, Any]) -> list[str]:
@@ -401,13 +753,13 @@ def _metadata(trained: _Trained, feature_dim: int) -> dict[str, str]:
         "format": EXPORT_FORMAT,
         "format_version": str(EXPORT_FORMAT_VERSION),
         "simclrkit_version": __version__,
-        "architecture": json.dumps(trained.architecture),
+        "architecture": jsonout.dumps(trained.architecture),
         "feature_dim": str(feature_dim),
-        "preprocessing": json.dumps(_preprocessing(trained.architecture)),
-        "training": json.dumps(info),
+        "preprocessing": jsonout.dumps(_preprocessing(trained.architecture)),
+        "training": jsonout.dumps(info),
     }
     if trained.info.get("evaluation"):
-        metadata["evaluation"] = json.dumps(trained.info["evaluation"])
+        metadata["evaluation"] = jsonout.dumps(trained.info["evaluation"])
     return metadata
 
 
@@ -430,7 +782,8 @@ def _check_agreement(
         raise RuntimeError(f"the {name} export disagrees with the encoder (max |diff| {error:.3g})")
 
 
-def _export_torchscript(encoder: nn.Module, trained: _Trained, out: Path) -> None:
+def _torchscript_writer(encoder: nn.Module, trained: _Trained) -> Callable[[str], None]:
+    """Traces the encoder; the returned function saves it to a path and checks the saved file."""
     example = _example_input(trained.architecture, 2, seed=0)
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export but still the format many
@@ -440,18 +793,21 @@ def _export_torchscript(encoder: nn.Module, trained: _Trained, out: Path) -> Non
             # check_trace would trace a second time; _check_agreement below is the stronger
             # check (the saved file, another batch size).
             program = torch.jit.trace(encoder, (example,), check_trace=False)
-        extra = {"simclrkit.json": json.dumps(_metadata(trained, encoder.feature_dim))}
+    extra = {"simclrkit.json": jsonout.dumps(_metadata(trained, encoder.feature_dim))}
 
-        def write(path: str) -> None:
+    def write(path: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(program, path, _extra_files=extra)
             loaded = torch.jit.load(path)  # checked before it takes the final name
-            with torch.no_grad():
-                _check_agreement("TorchScript", loaded, encoder, trained.architecture)
+        with torch.no_grad():
+            _check_agreement("TorchScript", loaded, encoder, trained.architecture)
 
-        _write_atomically(out, write)
+    return write
 
 
-def _export_onnx(encoder: nn.Module, trained: _Trained, out: Path) -> None:
+def _onnx_writer(encoder: nn.Module, trained: _Trained) -> Callable[[str], None]:
+    """The function that exports the encoder to an ONNX file and checks it (onnxruntime)."""
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(
@@ -463,7 +819,7 @@ def _export_onnx(encoder: nn.Module, trained: _Trained, out: Path) -> None:
     example = _example_input(trained.architecture, 2, seed=0)
     metadata = _metadata(trained, encoder.feature_dim)
 
-    def write(path: str) -> None:
+    def export(path: str) -> None:
         torch.onnx.export(
             encoder,
             (example,),
@@ -490,9 +846,12 @@ def _export_onnx(encoder: nn.Module, trained: _Trained, out: Path) -> None:
                 trained.architecture,
             )
 
-    # The exporter reports its progress on stdout; that is noise for a library call.
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        _write_atomically(out, write)
+    def write(path: str) -> None:
+        # The exporter reports its progress on stdout; that is noise for a library call.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            export(path)
+
+    return write
 
 
 def export_checkpoint(
@@ -501,6 +860,7 @@ def export_checkpoint(
     out_path: str | os.PathLike,
     *,
     include_head: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Exports the encoder f of a checkpoint, plus a model card ``<out>.MODEL_CARD.md``.
 
@@ -518,22 +878,30 @@ def export_checkpoint(
       ``onnx`` and ``onnxscript`` packages; checked against PyTorch with onnxruntime when it
       is installed).
 
-    TorchScript and ONNX exports are checked against the PyTorch encoder after writing.
+    TorchScript and ONNX exports are checked against the PyTorch encoder before they are
+    given their names.
+
+    The export and its card are one unit: both are written completely under temporary names
+    (the card records the weights' sha256), then renamed into place together
+    (:class:`StagedOutputs`); an error at any point leaves no new file and every existing file
+    as it was. Outputs get the usual permissions of a new file (the umask's).
 
     Args:
         checkpoint_path: a training checkpoint, a run folder or a safetensors export.
         fmt: one of :data:`FORMATS`.
-        out_path: the file to write (replaced atomically).
+        out_path: the file to write; it may not be the input (under any name), a folder, or
+            an existing file unless ``overwrite``.
         include_head: also store the projection head g (safetensors only).
+        overwrite: replace an existing ``out_path`` and card.
 
     Returns:
         The path written.
 
     Raises:
         ConfigError: unknown format, a head asked of a format without one, an encoder
-            torchvision cannot express (the message says why and what to use instead), or a
-            missing optional package.
-        CheckpointError: the input is not a simclrkit checkpoint or export.
+            torchvision cannot express (the message says why and what to use instead), a
+            missing optional package, or an ``out_path`` refused as above.
+        CheckpointError: the input is not a simclrkit checkpoint or export, or is damaged.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -543,6 +911,10 @@ def export_checkpoint(
             "export holds the encoder f alone"
         )
     out = Path(out_path)
+    card_path = model_card_path(out)
+    outputs = [(out, f"{fmt} export"), (card_path, "model card")]
+    inputs = _input_files(checkpoint_path)
+    check_outputs(outputs, inputs, overwrite=overwrite, example=_EXAMPLE_NAMES[fmt])
     trained = _read_trained(checkpoint_path)
     arch = trained.architecture
     if include_head and trained.head_state is None:
@@ -558,10 +930,11 @@ def export_checkpoint(
             )
     model = _build(trained)
     encoder = model.encoder
+    write: Callable[[str], None]
     if fmt == "torchvision":
         # Clones: a state dict's tensors may share storage with the live module.
         state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-        _write_atomically(out, lambda path: torch.save(state, path))
+        write = lambda path: torch.save(state, path)  # noqa: E731
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -570,11 +943,17 @@ def export_checkpoint(
             head = model.head.state_dict()
             tensors.update({f"head.{k}": v.contiguous() for k, v in head.items()})
         metadata = _metadata(trained, encoder.feature_dim)
-        _write_atomically(out, lambda path: save_file(tensors, path, metadata=metadata))
+        write = lambda path: save_file(tensors, path, metadata=metadata)  # noqa: E731
     elif fmt == "torchscript":
-        _export_torchscript(encoder, trained, out)
+        write = _torchscript_writer(encoder, trained)
     else:
-        _export_onnx(encoder, trained, out)
-    card = _model_card(trained, encoder, fmt, out, include_head)
-    _write_atomically(model_card_path(out), lambda path: Path(path).write_text(card))
+        write = _onnx_writer(encoder, trained)
+    with StagedOutputs() as staged:
+        weights = staged.write(out, write)
+        card = _model_card(trained, encoder, fmt, out, include_head, sha256_of(weights))
+        staged.write(card_path, lambda path: Path(path).write_text(card, encoding="utf-8"))
+        # The inputs were checked before the work; a file put in an output's place since
+        # (a folder, a link to an input) is refused now, before anything is renamed.
+        check_outputs(outputs, inputs, overwrite=overwrite, example=_EXAMPLE_NAMES[fmt])
+        staged.commit()
     return out

@@ -11,6 +11,7 @@ Dependencies run one way: ``export.py`` imports this module; this module needs n
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,8 @@ def _preprocessing(arch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -141,9 +143,13 @@ def _card_evaluation(info: dict[str, Any]) -> list[str]:
 
 
 def _model_card(
-    trained: _Trained, encoder: nn.Module, fmt: str, out: Path, include_head: bool
+    trained: _Trained, encoder: nn.Module, fmt: str, out: Path, include_head: bool, sha256: str
 ) -> str:
-    """The markdown model card: what the model is, what it saw, how good it is, how to use it."""
+    """The markdown model card: what the model is, what it saw, how good it is, how to use it.
+
+    ``sha256`` is the export's digest, passed in rather than read from ``out``: the card is
+    written before the export takes its name, so both can appear together.
+    """
     arch, info = trained.architecture, trained.info
     size, channels = arch["image_size"], arch["in_channels"]
     colour = "grayscale" if channels == 1 else "RGB"
@@ -158,7 +164,7 @@ def _model_card(
         f"h of size {encoder.feature_dim}",
         "",
         f"Exported by simclrkit {__version__} as **{fmt}** (`{out.name}`, sha256 "
-        f"`{_sha256(out)}`) from a training checkpoint at step {info.get('step', '?')}.",
+        f"`{sha256}`) from a training checkpoint at step {info.get('step', '?')}.",
         "",
         "## Model",
         "",
