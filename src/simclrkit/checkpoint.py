@@ -45,7 +45,8 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or from another format."""
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """fsyncs a folder, so a rename in it survives a crash."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +89,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         if cause is not None:
             raise cause from None
         raise
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
 
 
 def _os_error_behind(error: BaseException) -> OSError | None:
@@ -425,6 +426,21 @@ def validate_config(config: Any, source: str) -> dict[str, Any]:
         ) from None
 
 
+def check_progress(facts: Mapping[str, Any], source: str) -> None:
+    """Refuses a ``step`` that is not an integer >= 0 or a ``train_seconds`` that is not a
+    finite number >= 0 (either may be absent), as checkpoints and exports store them."""
+    step = facts.get("step")
+    if step is not None and not is_count(step):
+        raise CheckpointError(
+            f"{source}: 'step' is {_shown(step)}, not an integer >= 0 ({_DAMAGED})"
+        )
+    seconds = facts.get("train_seconds")
+    if seconds is not None and not (is_finite_number(seconds) and seconds >= 0):
+        raise CheckpointError(
+            f"{source}: 'train_seconds' is {_shown(seconds)}, not a number >= 0 ({_DAMAGED})"
+        )
+
+
 def validate_training_checkpoint(
     state: Any, source: str, *, need_config: bool = False, need_head: bool = False
 ) -> dict[str, Any]:
@@ -461,16 +477,7 @@ def validate_training_checkpoint(
         )
     else:
         checked["config"] = {}
-    step = state.get("step")
-    if step is not None and not is_count(step):
-        raise CheckpointError(
-            f"{source}: 'step' is {_shown(step)}, not an integer >= 0 ({_DAMAGED})"
-        )
-    seconds = state.get("train_seconds")
-    if seconds is not None and not (is_finite_number(seconds) and seconds >= 0):
-        raise CheckpointError(
-            f"{source}: 'train_seconds' is {_shown(seconds)}, not a number >= 0 ({_DAMAGED})"
-        )
+    check_progress(state, source)
     check_tensor_shapes(
         arch,
         {

@@ -49,7 +49,9 @@ from simclrkit.checkpoint import (
     _DAMAGED,
     CheckpointError,
     _shown,
+    check_progress,
     check_tensor_shapes,
+    fsync_folder,
     is_count,
     is_finite_number,
     load_checkpoint,
@@ -217,16 +219,7 @@ def _checked_info(info: Any, source: str) -> dict[str, Any]:
             f"{source}: the training facts are {type(info).__name__}, not a mapping ({_DAMAGED})"
         )
     checked = dict(info)
-    step = info.get("step")
-    if step is not None and not is_count(step):
-        raise CheckpointError(
-            f"{source}: step is {_shown(step)}, not an integer >= 0 ({_DAMAGED})"
-        )
-    seconds = info.get("train_seconds")
-    if seconds is not None and not (is_finite_number(seconds) and seconds >= 0):
-        raise CheckpointError(
-            f"{source}: train_seconds is {_shown(seconds)}, not a number >= 0 ({_DAMAGED})"
-        )
+    check_progress(info, source)
     if info.get("config"):
         checked["config"] = validate_config(info["config"], source)
     elif "config" in info:
@@ -611,14 +604,6 @@ def check_outputs(
         )
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StagedOutputs:
     """Files that appear under their final names together, or not at all.
 
@@ -690,7 +675,7 @@ class StagedOutputs:
             if previous is not None:
                 previous.unlink(missing_ok=True)
         for folder in {final.parent for _, final in self._staged}:
-            _fsync_folder(folder)
+            fsync_folder(folder)
         self._staged = []
 
 

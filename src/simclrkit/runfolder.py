@@ -47,6 +47,25 @@ _FILES = (
 _FOLDERS = ("checkpoints", "tb", "plots", "eval")
 
 
+# Descriptors of the locks this process holds. A forked child (a loader worker) shares the
+# lock's open file, and flock is released only when every descriptor of it is closed: a worker
+# still alive after its parent's SIGKILL would keep the folder locked. Each child closes its
+# copies at once, so the lock lives exactly as long as the process that took it.
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 class RunFolderBusy(ConfigError):
     """Another process holds the run folder's lock."""
 
@@ -60,6 +79,7 @@ class RunFolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
@@ -139,6 +159,7 @@ def claim(run_dir: str | os.PathLike) -> RunFolderLock:
     except BaseException:
         os.close(fd)
         raise
+    _HELD.add(fd)
     return RunFolderLock(path, fd)
 
 

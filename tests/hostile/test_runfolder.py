@@ -270,3 +270,27 @@ def test_holder_record_names_this_process(tmp_path):
         with pytest.raises(runfolder.RunFolderBusy, match=str(os.getpid())):
             runfolder.claim(tmp_path / "run")
     runfolder.claim(tmp_path / "run").release()  # free again once released
+
+
+def test_a_forked_child_that_outlives_the_holder_does_not_keep_the_lock(tmp_path):
+    # Loader workers are forked children: after the holder's SIGKILL they live on a moment,
+    # and must not keep the folder locked (flock is shared with a child's descriptor copies).
+    script = (
+        "import os, sys, time\n"
+        "from simclrkit import runfolder\n"
+        f"lock = runfolder.claim({str(tmp_path / 'run')!r})\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(runfolder.RunFolderBusy):
+            runfolder.claim(tmp_path / "run")
+        holder.kill()  # the holder only: its child sleeps on
+        holder.wait(timeout=30)
+        runfolder.claim(tmp_path / "run").release()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
