@@ -440,3 +440,33 @@ def test_global_form_rejects_inconsistent_inputs():
         nt_xent_global(local, local, torch.randn(8, 5), torch.randn(8, 5), 0)
     with pytest.raises(ValueError, match="equal shapes"):
         nt_xent_global(local, local, everything, torch.randn(7, 4), 0)
+
+
+def naive_dot_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. 1 with sim(u, v) = u.v (the reference's hidden_norm=False), term by term."""
+    views = [v for k in range(z1.shape[0]) for v in (z1[k], z2[k])]
+    total = 0
+    for i in range(len(views)):
+        j = i + 1 if i % 2 == 0 else i - 1
+        logits = torch.stack([torch.dot(views[i], views[k]) / temperature
+                              for k in range(len(views)) if k != i])
+        positive = torch.dot(views[i], views[j]) / temperature
+        total = total - (positive - torch.logsumexp(logits, 0))
+    return total / len(views)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_without_hidden_norm_is_the_dot_product_form(chunk_size):
+    z1, z2 = random_views(6, 5, seed=3)
+    z1, z2 = (z.detach().mul(0.3).requires_grad_() for z in (z1, z2))
+    got = loss_and_grads(
+        lambda a, b: nt_xent(a, b, 0.5, chunk_size=chunk_size, hidden_norm=False), z1, z2
+    )
+    expected = loss_and_grads(lambda a, b: naive_dot_nt_xent(a, b, 0.5), z1, z2)
+    for actual, want in zip(got, expected):
+        assert_close_relative(actual, want, 1e-10)
+    # and it is not the normalised loss: the scale of z now matters
+    normalised = nt_xent(z1, z2, 0.5).detach()
+    assert not torch.allclose(got[0], normalised)
+    module = NTXentLoss(temperature=0.5, hidden_norm=False)
+    assert torch.allclose(module(z1, z2).detach(), got[0])

@@ -137,6 +137,9 @@ class AugmentConfig:
     crop_min_scale: float = 0.08
     flip_prob: float = 0.5
     brightness: Literal["multiplicative", "additive"] = "multiplicative"  # v2 / v1
+    # torchvision's RandomResizedCrop, or the reference's TF sample_distorted_bounding_box
+    # (min_object_covered 0.1, 100 attempts, whole image on failure; augment.py)
+    crop_sampler: Literal["torchvision", "reference"] = "torchvision"
 
     def __post_init__(self) -> None:
         _non_negative("augment.color_jitter_strength", self.color_jitter_strength)
@@ -177,6 +180,7 @@ class LossConfig:
 
     temperature: float = 0.1
     chunk_size: int | None = None  # None: automatic (chunked for large batches)
+    hidden_norm: bool = True  # L2-normalise z (cosine similarity); False: Table 5's dot product
 
     def __post_init__(self) -> None:
         _positive("loss.temperature", self.temperature, "(0.1 for ImageNet, 0.5 for CIFAR-10)")

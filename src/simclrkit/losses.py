@@ -32,10 +32,12 @@ Two ways to compute the loss, with equal values and gradients:
 Differences from the reference (google-research/simclr ``objective.py``):
 
 * The reference returns ``mean(loss_a + loss_b)``: the SUM of the two per-view means, i.e.
-  **2x** the value here. Gradients scale by the same factor: LARS's trust ratio largely
-  absorbs it for the weights it adapts, but not for the parameters it excludes (batch norm,
-  biases) nor for plain SGD. We follow the paper's Eq. 1 (mean over 2N anchors), which is
-  also what lightly's ``NTXentLoss`` returns.
+  **2x** the value here, and gradients scale by the same factor. LARS's trust ratio
+  normalises the size of ``g + wd * w`` but not the ratio of the gradient to the weight
+  decay, so on every weight LARS adapts, this loss at weight decay wd takes the reference's
+  step at weight decay 2 * wd; the parameters LARS excludes (batch norm, biases) and plain
+  SGD take half the reference's step. We follow the paper's Eq. 1 (mean over 2N anchors),
+  which is also what lightly's ``NTXentLoss`` returns.
 * The reference masks a view's own similarity by subtracting 1e9; we overwrite it with a
   large finite negative (never ``-inf``, so no ``-inf * 0`` NaN can appear).
 * The reference's logged ``contrast_acc``/``contrast_entropy`` look only at view-1 anchors
@@ -118,10 +120,14 @@ def _check_views(z1: Tensor, z2: Tensor, name1: str, name2: str) -> None:
         )
 
 
-def _normalize(z: Tensor) -> Tensor:
-    """L2-normalises rows, upcasting float16/bfloat16 to float32 first (see module notes)."""
+def _normalize(z: Tensor, hidden_norm: bool = True) -> Tensor:
+    """L2-normalises rows (unless ``hidden_norm`` is False: the reference's
+    ``hidden_norm=False``, the dot product of Table 5's unnormalised rows), upcasting
+    float16/bfloat16 to float32 first (see module notes)."""
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
+    if not hidden_norm:
+        return z
     # eps guards an all-zero row: it stays zero (cosine 0 with everything) instead of NaN.
     return F.normalize(z, dim=1, eps=1e-12)
 
@@ -311,7 +317,11 @@ class _ChunkedNTXent(torch.autograd.Function):
 
 
 def nt_xent(
-    z1: Tensor, z2: Tensor, temperature: float = 0.1, chunk_size: int | None = None
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float = 0.1,
+    chunk_size: int | None = None,
+    hidden_norm: bool = True,
 ) -> Tensor:
     """NT-Xent loss of one batch (paper Eq. 1), averaged over all 2N anchors.
 
@@ -326,6 +336,9 @@ def nt_xent(
             path for small batches (at most 1024^2 logits, i.e. 2N <= 1024) and an automatic
             chunk above.
             Any int forces the chunked path. Values and gradients are the same either way.
+        hidden_norm: L2-normalise z first (the paper's cosine similarity; the reference's
+            default). False uses the raw dot product, as the reference's ``hidden_norm=False``
+            (paper Table 5, rows without l2 normalisation).
 
     Returns:
         0-dim loss tensor (float32 for half-precision inputs, else the input dtype).
@@ -335,7 +348,10 @@ def nt_xent(
             a finite number > 0, or chunk_size is not None or a positive int.
     """
     _check_views(z1, z2, "z1", "z2")
-    return nt_xent_global(z1, z2, z1, z2, 0, temperature=temperature, chunk_size=chunk_size)
+    return nt_xent_global(
+        z1, z2, z1, z2, 0, temperature=temperature, chunk_size=chunk_size,
+        hidden_norm=hidden_norm,
+    )
 
 
 def nt_xent_global(
@@ -346,6 +362,7 @@ def nt_xent_global(
     offset: int,
     temperature: float = 0.1,
     chunk_size: int | None = None,
+    hidden_norm: bool = True,
 ) -> Tensor:
     """NT-Xent of local anchors against the gathered global batch (paper §2.2, Eq. 1).
 
@@ -368,6 +385,7 @@ def nt_xent_global(
         offset: row of this device's first image in the gathered tensors.
         temperature: tau in Eq. 1.
         chunk_size: see :func:`nt_xent`; chunks are taken over the 2n local anchors.
+        hidden_norm: see :func:`nt_xent`.
 
     Returns:
         0-dim loss averaged over the 2n LOCAL anchors.
@@ -398,11 +416,15 @@ def nt_xent_global(
     device = z_local1.device
     # The loss runs in float32/float64 whatever autocast is doing outside (module notes).
     with torch.autocast(device_type=device.type, enabled=False):
-        anchors = torch.cat([_normalize(z_local1), _normalize(z_local2)])  # (2n, D)
+        anchors = torch.cat(  # (2n, D)
+            [_normalize(z_local1, hidden_norm), _normalize(z_local2, hidden_norm)]
+        )
         if z_all1 is z_local1 and z_all2 is z_local2:
             candidates = anchors  # single process: don't normalise twice
         else:
-            candidates = torch.cat([_normalize(z_all1), _normalize(z_all2)])  # (2N, D)
+            candidates = torch.cat(  # (2N, D)
+                [_normalize(z_all1, hidden_norm), _normalize(z_all2, hidden_norm)]
+            )
         if candidates.dtype != anchors.dtype:
             raise ValueError(
                 f"local and gathered views must share a dtype, got {anchors.dtype} and "
@@ -576,6 +598,7 @@ class NTXentLoss(nn.Module):
         temperature: tau in Eq. 1.
         chunk_size: see :func:`nt_xent`.
         gather: None (single process) or the callable described above.
+        hidden_norm: see :func:`nt_xent`.
 
     Raises:
         ValueError: if temperature or chunk_size is invalid.
@@ -586,6 +609,7 @@ class NTXentLoss(nn.Module):
         temperature: float = 0.1,
         chunk_size: int | None = None,
         gather: Gather | None = None,
+        hidden_norm: bool = True,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
@@ -593,6 +617,7 @@ class NTXentLoss(nn.Module):
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
         self.gather = gather
+        self.hidden_norm = bool(hidden_norm)
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         """Loss of the local anchors against the (gathered) batch.
@@ -605,7 +630,7 @@ class NTXentLoss(nn.Module):
             0-dim loss averaged over the 2n local anchors.
         """
         if self.gather is None:
-            return nt_xent(z1, z2, self.temperature, self.chunk_size)
+            return nt_xent(z1, z2, self.temperature, self.chunk_size, self.hidden_norm)
         _check_views(z1, z2, "z1", "z2")
         dim = z1.shape[1]
         # One collective instead of two: stacking the views side by side keeps one row per
@@ -618,9 +643,13 @@ class NTXentLoss(nn.Module):
             )
         z_all1, z_all2 = gathered.split(dim, dim=1)
         return nt_xent_global(
-            z1, z2, z_all1, z_all2, int(offset), self.temperature, self.chunk_size
+            z1, z2, z_all1, z_all2, int(offset), self.temperature, self.chunk_size,
+            self.hidden_norm,
         )
 
     def extra_repr(self) -> str:
         gather = "none" if self.gather is None else getattr(self.gather, "__name__", "custom")
-        return f"temperature={self.temperature}, chunk_size={self.chunk_size}, gather={gather}"
+        return (
+            f"temperature={self.temperature}, chunk_size={self.chunk_size}, gather={gather}, "
+            f"hidden_norm={self.hidden_norm}"
+        )

@@ -196,6 +196,7 @@ def build_augment(config: Config, image_size: int, blur: bool) -> SimCLRAugment:
         grayscale_prob=aug.grayscale_prob,
         blur_prob=aug.blur_prob if blur else 0.0,
         brightness=aug.brightness,
+        crop_sampler=aug.crop_sampler,
     )
 
 
@@ -532,7 +533,8 @@ def _pretrain(
     # Negatives from every process (paper §2.2); a single process keeps the plain loss.
     gather = distributed.gather_with_grad if info.world_size > 1 else None
     loss_fn = NTXentLoss(
-        temperature=config.loss.temperature, chunk_size=config.loss.chunk_size, gather=gather
+        temperature=config.loss.temperature, chunk_size=config.loss.chunk_size, gather=gather,
+        hidden_norm=config.loss.hidden_norm,
     )
     augment = build_augment(config, plan.image_size, plan.blur)
     batches = _step_source(train_data, augment, config, plan, info)
