@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from step import describe_machine  # noqa: E402 - every benchmark describes the machine alike
+
 RECIPE = "fashion_mnist_cpu"
 # Each method's step count for the budget comes from its rate over the LAST steps of a throwaway
 # calibration run: on some hosts the first ten or so steps run at half speed (a median over

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import smooth_images
 from simclrkit import augment, render
 from simclrkit.augment import (
     NUM_SLOTS,
@@ -28,6 +27,8 @@ from simclrkit.augment import (
     imagenet_augment,
     uniforms,
 )
+
+from conftest import smooth_images
 
 DRAWS = 20_000
 

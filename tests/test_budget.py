@@ -20,7 +20,7 @@ from simclrkit import budget
 from simclrkit.budget import check_training_memory
 from simclrkit.config import ConfigError
 from simclrkit.losses import nt_xent
-from simclrkit.train import build_model
+from simclrkit.models import build_model
 
 CPU = torch.device("cpu")
 SMALL = {

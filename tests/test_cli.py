@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
 from simclrkit.cli import main
+
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")

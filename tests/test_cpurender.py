@@ -12,9 +12,10 @@ import threading
 import pytest
 import torch
 
-from conftest import smooth_images
 from simclrkit import render
 from simclrkit.augment import SimCLRAugment, cifar_augment, imagenet_augment
+
+from conftest import smooth_images
 
 
 def _views(aug, images: torch.Tensor, kernel: bool, monkeypatch) -> list[torch.Tensor]:

@@ -24,8 +24,8 @@ from simclrkit.eval_report import (
     format_results_table,
 )
 from simclrkit.models import ProjectionHead, build_encoder
-from simclrkit.report import preview_augmentations
 from simclrkit.optim import parameter_groups
+from simclrkit.report import preview_augmentations
 from simclrkit.train import pretrain
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -386,7 +386,7 @@ def test_sgd_linear_protocol_on_cached_features(run_dir, tmp_path):
 def _trained(run_dir):
     from simclrkit.checkpoint import load_checkpoint
     from simclrkit.config import from_dict
-    from simclrkit.train import build_model
+    from simclrkit.models import build_model
 
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     model = build_model(state["architecture"])

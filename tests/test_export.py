@@ -32,7 +32,8 @@ from simclrkit.export import (
     load_encoder,
     model_card_path,
 )
-from simclrkit.train import build_model, pretrain
+from simclrkit.models import build_model
+from simclrkit.train import pretrain
 
 _LINEAR_TOP1 = 0.8765  # written into summary.json, as if the run had been evaluated
 _WIDE_ARCH = {

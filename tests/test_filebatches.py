@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import smooth_images, write_jpeg_tree
 from simclrkit.augment import SimCLRAugment, imagenet_augment
 from simclrkit.data import load_dataset
 from simclrkit.filebatches import FileChunks, largest_reduction, scale_boxes
 from simclrkit.pipeline import batch_stream
+
+from conftest import smooth_images, write_jpeg_tree
 
 
 def _chunks(source, augment, **kwargs) -> FileChunks:

@@ -11,13 +11,14 @@ import signal
 
 import pytest
 
-from conftest import assert_states_equal, run_cli, wait_for_step, write_jpeg_tree
 from simclrkit.checkpoint import load_checkpoint
 from simclrkit.config import ConfigError, load_config
 from simclrkit.index import load_index
 from simclrkit.pack import pack
 from simclrkit.report import read_metrics
 from simclrkit.train import pretrain
+
+from conftest import assert_states_equal, run_cli, wait_for_step, write_jpeg_tree
 
 pytestmark = pytest.mark.slow
 

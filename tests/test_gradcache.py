@@ -13,13 +13,15 @@ import contextlib
 import pytest
 import torch
 
-from conftest import TINY
 from simclrkit import step as step_module
 from simclrkit.checkpoint import load_checkpoint
 from simclrkit.config import ConfigError, TrainConfig, load_config, resolve
 from simclrkit.losses import NTXentLoss, nt_xent
+from simclrkit.models import build_model
 from simclrkit.step import contrastive_backward
-from simclrkit.train import build_model, pretrain
+from simclrkit.train import pretrain
+
+from conftest import TINY
 
 ARCH = {
     "encoder": "resnet18", "width": 0.125, "in_channels": 1, "cifar_stem": True,

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_jpeg_tree
 from simclrkit.cli import main
 from simclrkit.config import ConfigError
 from simclrkit.data import BadImageError, load_dataset
 from simclrkit.index import build_index, index_from_names, list_image_files, load_index
+
+from conftest import write_jpeg_tree
 
 
 def _touch(path: Path, content: bytes = b"x") -> None:

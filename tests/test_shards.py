@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_jpeg_tree
 from simclrkit.cli import main
 from simclrkit.config import ConfigError
 from simclrkit.data import BadImageError, load_dataset
 from simclrkit.pack import pack
 from simclrkit.shards import index_shards, scan_shards
+
+from conftest import write_jpeg_tree
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY, assert_states_equal, run_cli, wait_for_step
 from simclrkit import train as train_module
 from simclrkit.checkpoint import load_checkpoint
 from simclrkit.cli import main
-from simclrkit.config import ConfigError, load_config
+from simclrkit.config import load_config
 from simclrkit.report import read_metrics
 from simclrkit.train import NonFiniteLossError, pretrain
+
+from conftest import TINY, assert_states_equal, run_cli, wait_for_step
 
 _COMPARED = ("step", "encoder", "head", "optimizer", "schedule", "rng")
 

@@ -79,11 +79,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from simclrkit.render import Params, _apply
+
+if TYPE_CHECKING:
+    from simclrkit.config import Config
 
 __all__ = [
     "NUM_SLOTS",
@@ -728,3 +732,19 @@ def apply_eval(
     transform = EvalAugment(output_size=output_size, normalize=normalize)
     params = transform.sample_params(train, *images.shape[-2:], seed, epoch, indices)
     return transform.apply(images, params)
+
+
+def build_augment(config: Config, image_size: int, blur: bool) -> SimCLRAugment:
+    """The view transform of ``config.augment`` at ``image_size``, blur on or off."""
+    aug = config.augment
+    return SimCLRAugment(
+        output_size=image_size,
+        crop_scale=(aug.crop_min_scale, 1.0),
+        flip_prob=aug.flip_prob,
+        color_jitter_strength=aug.color_jitter_strength,
+        color_jitter_prob=aug.color_jitter_prob,
+        grayscale_prob=aug.grayscale_prob,
+        blur_prob=aug.blur_prob if blur else 0.0,
+        brightness=aug.brightness,
+        crop_sampler=aug.crop_sampler,
+    )

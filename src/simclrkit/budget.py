@@ -100,7 +100,7 @@ def check_training_memory(
 
 def _model_bytes(arch: dict[str, Any]) -> tuple[int, int]:
     """(float32 bytes of the parameters, bytes autograd saves per image of two views)."""
-    from simclrkit.train import build_model  # train.py imports this module
+    from simclrkit.models import build_model
 
     with torch.device("meta"):
         model = build_model(arch)

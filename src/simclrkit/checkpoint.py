@@ -295,7 +295,7 @@ def expected_shapes(architecture: dict[str, Any]) -> dict[str, dict[str, tuple[i
     The model is built on the ``meta`` device: shapes without storage, so this costs the
     same for a claimed ResNet-152 at width 16 as for a ResNet-18.
     """
-    from simclrkit.train import build_model
+    from simclrkit.models import build_model
 
     with torch.device("meta"):
         model = build_model(architecture)

@@ -224,7 +224,7 @@ def embed_images(
         raise ConfigError(f"--batch-size: got {batch_size!r}; allowed: an integer >= 1")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # one path, not a sequence of characters
-    from simclrkit.train import select_device
+    from simclrkit.devices import select_device
 
     target = select_device(device, key="--device")
     paths = _expand_inputs(inputs)

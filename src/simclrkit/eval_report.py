@@ -44,9 +44,9 @@ from simclrkit import finetune as finetune_lib
 from simclrkit.checkpoint import CheckpointError, load_trained_checkpoint
 from simclrkit.config import Config, ConfigError, DataConfig
 from simclrkit.data import load_dataset
+from simclrkit.devices import select_device
 from simclrkit.evaluate import Source
-from simclrkit.models import SimCLR
-from simclrkit.train import build_model, select_device
+from simclrkit.models import SimCLR, build_model
 
 PROTOCOLS = ("linear", "knn", "finetune")
 

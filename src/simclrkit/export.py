@@ -36,7 +36,7 @@ import shutil
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from simclrkit.checkpoint import (
     validate_training_checkpoint,
 )
 from simclrkit.config import ConfigError
-from simclrkit.modelcard import _model_card, _preprocessing, sha256_of
+from simclrkit.modelcard import Trained, _model_card, _preprocessing, sha256_of
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -88,16 +88,6 @@ _EXPECTED = (
 # --------------------------------------------------------------------------------------------
 # Reading a trained encoder from a checkpoint or a safetensors export
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Trained:
-    """What an export needs: weights, the architecture, and what is known about the run."""
-
-    encoder_state: dict[str, torch.Tensor]
-    head_state: dict[str, torch.Tensor] | None
-    architecture: dict[str, Any]
-    info: dict[str, Any] = field(default_factory=dict)  # step, config, data, evaluation
 
 
 def _file_kind(path: Path) -> str:
@@ -255,14 +245,14 @@ def _checked_info(info: Any, source: str) -> dict[str, Any]:
     return checked
 
 
-def _read_checkpoint(path: Path, map_location: str | torch.device) -> _Trained:
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> Trained:
     try:
         state = load_checkpoint(path, map_location=map_location)
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {_EXPECTED}") from None
     state = validate_training_checkpoint(state, str(path))
     info = _run_info(path, state)
-    return _Trained(state["encoder"], state["head"], state["architecture"], info)
+    return Trained(state["encoder"], state["head"], state["architecture"], info)
 
 
 _MAX_NESTING = 32  # far deeper than anything simclrkit writes; a forgery's nesting is refused
@@ -349,7 +339,7 @@ def _parse_export_metadata(metadata: Any, source: str) -> tuple[dict[str, Any], 
     return architecture, _checked_info(info, source)
 
 
-def _read_safetensors(path: Path, map_location: str | torch.device) -> _Trained:
+def _read_safetensors(path: Path, map_location: str | torch.device) -> Trained:
     """Checks metadata and every tensor's name and shape (read from the header, no data)
     before loading any tensor."""
     from safetensors import SafetensorError, safe_open
@@ -378,10 +368,10 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> _Trained:
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    return _Trained(part("encoder."), part("head.") or None, architecture, info)
+    return Trained(part("encoder."), part("head.") or None, architecture, info)
 
 
-def _read_trained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> _Trained:
+def _read_trained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Trained:
     """Reads a training checkpoint, a run folder (its checkpoints/last.pt) or a safetensors export.
 
     Everything a model is built from is validated first (``checkpoint.py``): names, types
@@ -419,13 +409,13 @@ def _checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _build(trained: _Trained) -> nn.Module:
+def _build(trained: Trained) -> nn.Module:
     """The SimCLR module (encoder f and head g) with the stored weights, in eval mode.
 
     Shapes were checked when the file was read; what can still fail here (a dtype that
     cannot be copied, say) is reported as a damaged file too.
     """
-    from simclrkit.train import build_model
+    from simclrkit.models import build_model
 
     try:
         model = build_model(trained.architecture)
@@ -731,7 +721,7 @@ def _torchvision_blockers(arch: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def _metadata(trained: _Trained, feature_dim: int) -> dict[str, str]:
+def _metadata(trained: Trained, feature_dim: int) -> dict[str, str]:
     """safetensors metadata (strings only) that makes the file self-describing."""
     info = {key: value for key, value in trained.info.items() if key != "evaluation"}
     metadata = {
@@ -767,7 +757,7 @@ def _check_agreement(
         raise RuntimeError(f"the {name} export disagrees with the encoder (max |diff| {error:.3g})")
 
 
-def _torchscript_writer(encoder: nn.Module, trained: _Trained) -> Callable[[str], None]:
+def _torchscript_writer(encoder: nn.Module, trained: Trained) -> Callable[[str], None]:
     """Traces the encoder; the returned function saves it to a path and checks the saved file."""
     example = _example_input(trained.architecture, 2, seed=0)
     with warnings.catch_warnings():
@@ -791,7 +781,7 @@ def _torchscript_writer(encoder: nn.Module, trained: _Trained) -> Callable[[str]
     return write
 
 
-def _onnx_writer(encoder: nn.Module, trained: _Trained) -> Callable[[str], None]:
+def _onnx_writer(encoder: nn.Module, trained: Trained) -> Callable[[str], None]:
     """The function that exports the encoder to an ONNX file and checks it (onnxruntime)."""
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:

@@ -31,7 +31,6 @@ from simclrkit.evaluate import (
 )
 from simclrkit.optim import WarmupCosineSchedule
 
-
 # --------------------------------------------------------------------------------------
 # Fine-tuning on a fraction of the labels
 # --------------------------------------------------------------------------------------

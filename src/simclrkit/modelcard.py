@@ -4,23 +4,32 @@
 ``<out>.MODEL_CARD.md`` (:func:`simclrkit.export.model_card_path`). The description of the
 encoder's input (:func:`_preprocessing`) is shared with the export's metadata.
 
-Dependencies run one way: ``export.py`` imports this module; this module needs nothing from
-``export.py`` at run time (``_Trained`` is imported for the type annotation only).
+Dependencies run one way: ``export.py`` imports this module (and :class:`Trained`, what a
+card describes, from here); this module imports nothing of ``export.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import nn
 
 from simclrkit import __version__
 
-if TYPE_CHECKING:
-    from simclrkit.export import _Trained
+
+@dataclass(frozen=True)
+class Trained:
+    """What an export needs: weights, the architecture, and what is known about the run."""
+
+    encoder_state: dict[str, torch.Tensor]
+    head_state: dict[str, torch.Tensor] | None
+    architecture: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)  # step, config, data, evaluation
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +152,7 @@ def _card_evaluation(info: dict[str, Any]) -> list[str]:
 
 
 def _model_card(
-    trained: _Trained, encoder: nn.Module, fmt: str, out: Path, include_head: bool, sha256: str
+    trained: Trained, encoder: nn.Module, fmt: str, out: Path, include_head: bool, sha256: str
 ) -> str:
     """The markdown model card: what the model is, what it saw, how good it is, how to use it.
 

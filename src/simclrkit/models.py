@@ -28,6 +28,7 @@ Nothing here moves tensors to a device or asks for a process rank (STYLE: bounda
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -438,3 +439,22 @@ class SimCLR(nn.Module):
         """
         h = self.encoder.forward_features(x)
         return h, self.head(h)
+
+
+def build_model(arch: dict[str, Any]) -> SimCLR:
+    """The encoder and projection head an architecture dict describes (the one
+    ``train.architecture`` makes and every checkpoint stores)."""
+    encoder = build_encoder(
+        arch["encoder"],
+        width=arch["width"],
+        in_channels=arch["in_channels"],
+        image_size=arch["image_size"],
+        cifar_stem=arch["cifar_stem"],
+    )
+    head = ProjectionHead(
+        encoder.feature_dim,
+        num_layers=arch["head_layers"],
+        out_dim=arch["proj_dim"],
+        kind=arch["head"],
+    )
+    return SimCLR(encoder, head)

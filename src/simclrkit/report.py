@@ -219,11 +219,10 @@ def preview_augmentations(
     Raises:
         ConfigError: bad counts, or a folder of varying sizes without ``data.image_size``.
     """
-    from simclrkit.augment import default_blur
+    from simclrkit.augment import build_augment, default_blur
     from simclrkit.config import ConfigError
     from simclrkit.data import BadImageError, BadImageWarning, load_run_data
     from simclrkit.pipeline import epoch_order
-    from simclrkit.train import build_augment
 
     if num_images < 1 or num_views < 1:
         raise ConfigError("--images and --views: allowed: integers >= 1")

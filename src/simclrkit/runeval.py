@@ -29,7 +29,6 @@ classes is what the cap in step 4 bounds. (Not measured here: no GPU has run thi
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -46,11 +45,11 @@ from simclrkit.data import BadImageWarning, load_run_data
 from simclrkit.evaluate import (
     Source,
     compute_features,
-    shared_features,
     knn_probe,
     logistic_regression_probe,
     recalibrate_batchnorm,
     select_images,
+    shared_features,
 )
 
 _FEATURE_SHARE = 0.7  # of the budget, for computing features; the rest for the fits

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from simclrkit import distributed
 from simclrkit.losses import contrastive_accuracy
 
-
 # --------------------------------------------------------------------------------------
 # Forward and backward of one step, whole or in micro-batches (gradient caching)
 # --------------------------------------------------------------------------------------

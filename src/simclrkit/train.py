@@ -47,7 +47,7 @@ import torch
 
 from simclrkit import config as config_lib
 from simclrkit import distributed, jsonout, runfolder
-from simclrkit.augment import SimCLRAugment
+from simclrkit.augment import SimCLRAugment, build_augment
 from simclrkit.badfiles import BadFileLedger
 from simclrkit.budget import check_training_memory
 from simclrkit.checkpoint import (
@@ -58,9 +58,10 @@ from simclrkit.checkpoint import (
 )
 from simclrkit.config import Config, ConfigError, Plan
 from simclrkit.data import ImageArray, ImageFiles, dataset_summary
+from simclrkit.devices import select_device
 from simclrkit.filebatches import FileChunks
 from simclrkit.losses import NTXentLoss
-from simclrkit.models import ProjectionHead, SimCLR, build_encoder
+from simclrkit.models import SimCLR, build_model
 from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from simclrkit.pipeline import StepBatches, auto_workers, batch_stream
 from simclrkit.rundata import prepare_train_data
@@ -139,19 +140,6 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
-def select_device(name: str, key: str = "train.device") -> torch.device:
-    """Maps 'auto' to CUDA when present, else the CPU; checks an explicit CUDA request.
-
-    Raises:
-        ConfigError: CUDA asked for but absent; ``key`` names the setting in the message.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: '{name}' asked for, but no CUDA device is visible; use cpu")
-    return torch.device(name)
-
-
 def architecture(config: Config, plan: Plan) -> dict[str, Any]:
     """What is needed to rebuild the model from a checkpoint, without the run's config."""
     return {
@@ -166,38 +154,8 @@ def architecture(config: Config, plan: Plan) -> dict[str, Any]:
     }
 
 
-def build_model(arch: dict[str, Any]) -> SimCLR:
-    """The encoder and projection head described by :func:`architecture`."""
-    encoder = build_encoder(
-        arch["encoder"],
-        width=arch["width"],
-        in_channels=arch["in_channels"],
-        image_size=arch["image_size"],
-        cifar_stem=arch["cifar_stem"],
-    )
-    head = ProjectionHead(
-        encoder.feature_dim,
-        num_layers=arch["head_layers"],
-        out_dim=arch["proj_dim"],
-        kind=arch["head"],
-    )
-    return SimCLR(encoder, head)
 
 
-def build_augment(config: Config, image_size: int, blur: bool) -> SimCLRAugment:
-    """The view transform of ``config.augment`` at ``image_size``, blur on or off."""
-    aug = config.augment
-    return SimCLRAugment(
-        output_size=image_size,
-        crop_scale=(aug.crop_min_scale, 1.0),
-        flip_prob=aug.flip_prob,
-        color_jitter_strength=aug.color_jitter_strength,
-        color_jitter_prob=aug.color_jitter_prob,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob if blur else 0.0,
-        brightness=aug.brightness,
-        crop_sampler=aug.crop_sampler,
-    )
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -41,7 +41,7 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model():
-    from simclrkit.train import build_model
+    from simclrkit.models import build_model
 
     torch.manual_seed(0)
     return build_model(ARCH).double()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+import spawned_workers as workers
 import torch
 import torch.multiprocessing as mp
 
-import spawned_workers as workers
 from simclrkit import distributed
 from simclrkit.losses import NTXentLoss, nt_xent
 from simclrkit.step import contrastive_backward

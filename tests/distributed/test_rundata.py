@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import socket
 
+import data_workers
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import data_workers
 from conftest import write_jpeg_tree
 
 

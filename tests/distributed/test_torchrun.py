@@ -21,8 +21,6 @@ import signal
 import time
 
 import pytest
-
-from conftest import assert_states_equal
 from torchrun_helpers import (
     checkpoint_steps,
     load,
@@ -33,6 +31,8 @@ from torchrun_helpers import (
     wait_for,
     worker_pids,
 )
+
+from conftest import assert_states_equal
 
 pytestmark = pytest.mark.slow
 

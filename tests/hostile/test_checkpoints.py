@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -40,8 +39,10 @@ from simclrkit.checkpoint import (
 )
 from simclrkit.config import ConfigError, load_config
 from simclrkit.export import export_checkpoint, load_encoder
-from simclrkit.train import build_model, pretrain
+from simclrkit.models import build_model
+from simclrkit.train import pretrain
 
+from conftest import TINY
 from hostile import assert_user_error, simclrkit
 
 _REFUSED = (CheckpointError, ConfigError)

@@ -12,11 +12,11 @@ import json
 import math
 
 import pytest
-from conftest import TINY
 
 from simclrkit import jsonout
 from simclrkit.errors import describe
 
+from conftest import TINY
 from hostile import assert_user_error, simclrkit, snapshot
 
 

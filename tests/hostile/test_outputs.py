@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
 
 import simclrkit.embed as embed_module
@@ -25,6 +24,7 @@ from simclrkit.embed import embed_images, files_list_path
 from simclrkit.export import export_checkpoint, load_encoder, model_card_path
 from simclrkit.train import pretrain
 
+from conftest import TINY
 from hostile import assert_user_error, simclrkit, snapshot
 
 _NEWLINE = b"line\nbreak.png"

@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY, assert_states_equal, run_cli, wait_for_step
 
 from simclrkit import runfolder
 from simclrkit.checkpoint import load_checkpoint
 
+from conftest import TINY, assert_states_equal, run_cli, wait_for_step
 from hostile import assert_user_error, simclrkit, small_tmpfs, snapshot  # noqa: F401
 
 pytestmark = pytest.mark.slow
