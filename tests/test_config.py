@@ -129,3 +129,18 @@ def test_every_bundled_recipe_is_valid():
     assert "mnist5k" in recipes
     for name in recipes:
         assert C.load_config(name, []).recipe == name
+
+
+def test_colour_strength_auto_follows_the_image_size_as_the_paper_sets_it():
+    from simclrkit.augment import build_augment
+
+    for size, strength in ((32, 0.5), (28, 0.5), (96, 1.0), (224, 1.0)):
+        cfg = C.from_dict({"data": {"image_size": size}})
+        plan = C.resolve(cfg, num_examples=10000, native_image_size=size, in_channels=3)
+        assert plan.color_jitter_strength == strength
+        assert build_augment(cfg, size, plan.blur).color_jitter_strength == strength
+    explicit = C.from_dict({"augment": {"color_jitter_strength": 0.7}})
+    plan = C.resolve(explicit, num_examples=10000, native_image_size=32, in_channels=3)
+    assert plan.color_jitter_strength == 0.7
+    with pytest.raises(C.ConfigError, match="color_jitter_strength"):
+        C.from_dict({"augment": {"color_jitter_strength": "strong"}})

@@ -598,6 +598,15 @@ def default_blur(image_size: int) -> bool:
     return image_size > 32
 
 
+def color_strength(setting: float | str, image_size: int) -> float:
+    """The colour jitter strength s of a setting: a number as given, or for ``"auto"`` the
+    paper's 0.5 for CIFAR-size images (<= 32 px, App. B.9) and 1.0 above (ImageNet), the
+    same size rule as :func:`default_blur`."""
+    if setting == "auto":
+        return 1.0 if default_blur(image_size) else 0.5
+    return float(setting)
+
+
 def imagenet_augment(output_size: int = 224, **overrides) -> SimCLRAugment:
     """ImageNet recipe: colour strength 1.0, blur p = 0.5 (paper App. A; Table 1 "1 + blur")."""
     blur_prob = 0.5 if default_blur(output_size) else 0.0
@@ -741,7 +750,7 @@ def build_augment(config: Config, image_size: int, blur: bool) -> SimCLRAugment:
         output_size=image_size,
         crop_scale=(aug.crop_min_scale, 1.0),
         flip_prob=aug.flip_prob,
-        color_jitter_strength=aug.color_jitter_strength,
+        color_jitter_strength=color_strength(aug.color_jitter_strength, image_size),
         color_jitter_prob=aug.color_jitter_prob,
         grayscale_prob=aug.grayscale_prob,
         blur_prob=aug.blur_prob if blur else 0.0,

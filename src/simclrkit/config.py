@@ -129,7 +129,9 @@ class DataConfig:
 class AugmentConfig:
     """The SimCLR view distribution (paper §3, App. A; reference data_util.py)."""
 
-    color_jitter_strength: float = 1.0  # s: 1.0 for ImageNet, 0.5 for CIFAR-10
+    # s: auto is the paper's 0.5 for images of <= 32 px (CIFAR-10, App. B.9) and 1.0 above
+    # (ImageNet), decided like the blur; the plan prints the value chosen
+    color_jitter_strength: float | Literal["auto"] = "auto"
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur: bool | None = None  # None: on for images larger than 32 px (paper App. B.9)
@@ -142,9 +144,10 @@ class AugmentConfig:
     crop_sampler: Literal["torchvision", "reference"] = "torchvision"
 
     def __post_init__(self) -> None:
-        _non_negative("augment.color_jitter_strength", self.color_jitter_strength)
-        _at_most("augment.color_jitter_strength", self.color_jitter_strength,
-                 MAX_JITTER_STRENGTH, "MAX_JITTER_STRENGTH")
+        if self.color_jitter_strength != "auto":
+            _non_negative("augment.color_jitter_strength", self.color_jitter_strength)
+            _at_most("augment.color_jitter_strength", self.color_jitter_strength,
+                     MAX_JITTER_STRENGTH, "MAX_JITTER_STRENGTH")
         for key in ("color_jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
             _fraction(f"augment.{key}", getattr(self, key))
         if not (_is_number(self.crop_min_scale) and 0.0 < self.crop_min_scale <= 1.0):
@@ -771,6 +774,7 @@ class Plan:
     image_size: int
     in_channels: int
     blur: bool
+    color_jitter_strength: float
     cifar_stem: bool
 
 
@@ -818,7 +822,7 @@ def resolve(
         total_steps = min(total_steps, train.max_steps)
     warmup_steps = min(total_steps, round(config.optim.warmup_epochs * steps_per_epoch))
     image_size = config.data.image_size or native_image_size
-    from simclrkit.augment import default_blur
+    from simclrkit.augment import color_strength, default_blur
 
     blur = config.augment.blur if config.augment.blur is not None else default_blur(image_size)
     cifar_stem = config.model.cifar_stem if config.model.cifar_stem is not None else image_size <= 32
@@ -833,5 +837,6 @@ def resolve(
         image_size=image_size,
         in_channels=in_channels,
         blur=blur,
+        color_jitter_strength=color_strength(config.augment.color_jitter_strength, image_size),
         cifar_stem=cifar_stem,
     )

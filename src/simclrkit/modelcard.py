@@ -125,7 +125,8 @@ def _card_recipe(info: dict[str, Any]) -> list[str]:
         f"scaling{scaled}), weight decay {optim.get('weight_decay')}, warmup "
         f"{optim.get('warmup_epochs')} epochs then cosine decay",
         f"- NT-Xent temperature {config.get('loss', {}).get('temperature')}",
-        f"- augmentation: colour jitter strength {augment.get('color_jitter_strength')} "
+        f"- augmentation: colour jitter strength "
+        f"{plan.get('color_jitter_strength', augment.get('color_jitter_strength'))} "
         f"(p {augment.get('color_jitter_prob')}), grayscale p {augment.get('grayscale_prob')}, "
         f"blur {plan.get('blur', augment.get('blur'))}, crop min scale "
         f"{augment.get('crop_min_scale')}",
