@@ -32,7 +32,7 @@ How this differs from the reference (google-research/simclr, ``data_util.py``), 
     uniformly (not log-uniformly), a HEIGHT drawn uniformly between the heights whose area is
     in range (so the area is not uniform: small crops are likelier), rejected under 10% of
     the image; the whole image when all attempts fail. Its crops are smaller on average
-    (mean area fraction ~0.43 against ~0.49 at 32 px). Ported from TF's
+    (mean area fraction 0.43 against 0.49 at 32 px: ``benchmarks/crops.py``). Ported from TF's
     ``sample_distorted_bounding_box_op.cc`` (``GenerateRandomCrop``), with its integer
     rounding and its offsets drawn from [0, side - crop) (never the last position).
 * Resampling: PyTorch's bicubic kernel (Keys, a = -0.75) with half-pixel centres, no

@@ -54,6 +54,14 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets (0o666 less the umask). Writers that create
+    private 0600 files (mkstemp, safetensors) get these instead, so every output is alike."""
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Runs ``write(handle)`` so that ``path`` is never seen half-written.
 
@@ -70,9 +78,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         # mkstemp creates the file for its owner only; give it the usual umask permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -16,8 +16,6 @@ stay bit-identical; the tests check it).
 * Weighted kNN on L2-normalised h (InstDisc, Wu et al. 2018): the k nearest training
   features vote for their class with weight exp(similarity / temperature).
 * The bounded evaluation that ends a pretraining run is in ``runeval.py``.
-* :class:`OnlineProbe`: the linear classifier trained during pretraining on a stopped
-  gradient of h (reference TF2 ``lineareval_while_pretraining``; paper App. B.6).
 * Fine-tuning on a class-balanced fraction of the labels (paper App. B.5; SimCLRv2 §2) is in
   ``finetune.py``; it reuses the views and helpers defined here.
 
@@ -692,46 +690,3 @@ def knn_probe(
     top1, top5 = top_k_accuracies(scores, test_labels)
     return {"top1": top1, "top5": top5, "k": min(k, len(train_features)),
             "temperature": temperature, "predictions": scores.argmax(dim=1).numpy()}
-
-
-# --------------------------------------------------------------------------------------
-# Online linear probe
-# --------------------------------------------------------------------------------------
-
-
-class OnlineProbe(nn.Module):
-    """A linear classifier on stop_gradient(h), trained alongside pretraining.
-
-    The reference TF2 code trains it by default (``lineareval_while_pretraining``) and the
-    paper (App. B.6) finds its accuracy close to the offline linear evaluation. The gradient
-    of its loss never reaches the encoder, so adding its loss to NT-Xent leaves pretraining
-    unchanged. Put its parameters in a group without LARS adaptation and without weight decay:
-    ``optim.parameter_groups(model, wd, extra_excluded=(probe,))`` does that.
-
-    Attributes:
-        linear: ``Linear(feature_dim, num_classes)``, weights N(0, 0.01^2), bias 0 (reference
-            ``LinearLayer``).
-    """
-
-    def __init__(self, feature_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(feature_dim, num_classes)
-        nn.init.normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of the probe on detached h.
-
-        Args:
-            h: (B, D) representations (their graph is not followed).
-            labels: (B,) int64.
-
-        Returns:
-            (loss, correct): the mean cross-entropy (scalar with a graph to the probe only)
-            and the number of correct top-1 predictions (an int64 tensor, left on the device
-            so logging it costs no synchronisation until it is read).
-        """
-        logits = self.linear(h.detach().float())
-        loss = F.cross_entropy(logits, labels)
-        correct = (logits.detach().argmax(dim=1) == labels).sum()
-        return loss, correct

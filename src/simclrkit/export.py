@@ -55,6 +55,7 @@ from simclrkit.checkpoint import (
     is_count,
     is_finite_number,
     load_checkpoint,
+    new_file_mode,
     validate_architecture,
     validate_config,
     validate_training_checkpoint,
@@ -626,9 +627,7 @@ class StagedOutputs:
         temporary = final.parent / f".tmp-{secrets.token_hex(8)}{final.suffix}"
         self._staged.append((temporary, final))
         write(str(temporary))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, new_file_mode())
         fd = os.open(temporary, os.O_RDONLY)
         try:
             os.fsync(fd)

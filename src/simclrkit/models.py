@@ -434,7 +434,7 @@ class SimCLR(nn.Module):
             x: images, shape (B, C, H, W) (for pretraining, both views stacked: B = 2N).
 
         Returns:
-            (h, z): h of shape (B, D) for evaluation and the online probe, z of shape
+            (h, z): h of shape (B, D) for evaluation, z of shape
             (B, out_dim) for the contrastive loss.
         """
         h = self.encoder.forward_features(x)

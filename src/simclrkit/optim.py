@@ -208,8 +208,8 @@ def parameter_groups(
     * ``"norm_and_bias"``: parameters of normalisation modules (BatchNorm, SyncBatchNorm,
       InstanceNorm, GroupNorm, LayerNorm, RMSNorm: found by module type, not by name) and
       every parameter whose name ends in ``bias``: ``lars=False``, ``weight_decay=0``.
-    * ``"probe"``: all parameters of the modules in ``extra_excluded`` (e.g. the online
-      linear probe, the reference's ``head_supervised``): ``lars=False``,
+    * ``"probe"``: all parameters of the modules in ``extra_excluded`` (a classifier trained
+      beside the network, as the reference's ``head_supervised``): ``lars=False``,
       ``weight_decay=0``. These modules may be submodules of ``model`` or separate modules
       trained by the same optimiser; their parameters are included either way.
 
@@ -358,8 +358,8 @@ class WarmupCosineSchedule:
     """Sets every parameter group's ``lr`` from :func:`warmup_cosine` at a given step.
 
     Stateless apart from its constructor arguments: resuming a run needs only the step.
-    A group may carry ``"lr_scale"`` (default 1.0), a multiplier on the scheduled rate, e.g.
-    to give an online probe its own learning rate on the same schedule.
+    A group may carry ``"lr_scale"`` (default 1.0), a multiplier on the scheduled rate (a
+    group that should follow the same schedule at another rate).
 
     Args:
         total_steps: number of iterations of the run, warmup included.

@@ -91,20 +91,17 @@ class RunFolderLock:
 
 
 def _check_kinds(run_dir: Path) -> None:
-    for name in _FILES:
-        path = run_dir / name
-        if path.exists() and not path.is_file():
-            raise ConfigError(
-                f"--run-dir: {path} is a folder (or another non-file) where the run writes a "
-                "file; remove or rename it, or choose another --run-dir"
-            )
-    for name in _FOLDERS:
-        path = run_dir / name
-        if path.exists() and not path.is_dir():
-            raise ConfigError(
-                f"--run-dir: {path} is a file where the run writes a folder; remove or rename "
-                "it, or choose another --run-dir"
-            )
+    for names, right_kind, wrong in (
+        (_FILES, Path.is_file, "a folder (or another non-file) where the run writes a file"),
+        (_FOLDERS, Path.is_dir, "a file where the run writes a folder"),
+    ):
+        for name in names:
+            path = run_dir / name
+            if path.exists() and not right_kind(path):
+                raise ConfigError(
+                    f"--run-dir: {path} is {wrong}; remove or rename it, or choose another "
+                    "--run-dir"
+                )
 
 
 def _remove_debris(run_dir: Path) -> list[Path]:

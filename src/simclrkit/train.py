@@ -431,16 +431,8 @@ def _pretrain(
             "e.g. data.image_size=224"
         )
     arch = architecture(config, plan)
-    if state is not None and state["architecture"] != arch:
-        # --force lets a resumed run change how it trains, never the shape of what it trains.
-        changed = [
-            f"{key}: {state['architecture'][key]!r} -> {arch[key]!r}"
-            for key in arch if state["architecture"][key] != arch[key]
-        ]
-        raise ConfigError(
-            f"--resume: the checkpoint's model differs from this config's ({'; '.join(changed)}); "
-            "a run cannot change its model's shape, even with --force: start a new --run-dir"
-        )
+    if state is not None:
+        _check_same_model(state["architecture"], arch)
     # What the run will allocate, against what the machine has, before anything is built.
     check_training_memory(
         arch, batch_per_device=plan.batch_size_per_device,
@@ -649,8 +641,9 @@ def _pretrain(
         print("simclrkit: no linear evaluation: the pretraining images have no labels",
               file=sys.stderr)
     # A finished run resumed (a requeued job) keeps the evaluation it wrote, not a second draw.
-    finished = _finished_summary(run_dir, plan.total_steps, config) if main else None
-    finished = distributed.broadcast_object(finished if start_step == plan.total_steps else None)
+    resumed_at_end = start_step == plan.total_steps
+    finished = _finished_summary(run_dir, plan.total_steps, config) if main and resumed_at_end else None
+    finished = distributed.broadcast_object(finished)
     if finished is not None:
         # Resumed with nothing left to train: the run's summary is the one it finished with.
         summary["resumed_from_step"] = finished.get("resumed_from_step")
@@ -710,6 +703,16 @@ def _finished_summary(run_dir: Path, total_steps: int, config: Config) -> dict[s
     if summary.get("eval_settings") != config_lib.to_dict(config)["eval"]:
         return None
     return summary
+
+
+def _check_same_model(saved: dict[str, Any], arch: dict[str, Any]) -> None:
+    """--force lets a resumed run change how it trains, never the shape of what it trains."""
+    changed = [f"{key}: {saved[key]!r} -> {arch[key]!r}" for key in arch if saved[key] != arch[key]]
+    if changed:
+        raise ConfigError(
+            f"--resume: the checkpoint's model differs from this config's ({'; '.join(changed)}); "
+            "a run cannot change its model's shape, even with --force: start a new --run-dir"
+        )
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
