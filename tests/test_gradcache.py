@@ -69,8 +69,9 @@ def test_equal_to_the_full_batch_when_nothing_depends_on_the_batch(micro_batch_s
     torch.testing.assert_close(loss, loss_full, rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.cat([z1, z2]), torch.cat([z1_full, z2_full]))
     _assert_close_dicts(_grads(cached), _grads(full), rtol=1e-10)
-    # the returned loss is the full batch's NT-Xent (paper Eq. 1), not a micro-batch's
-    torch.testing.assert_close(loss, nt_xent(z1, z2, TEMPERATURE), rtol=1e-12, atol=0)
+    # the returned loss is the full batch's NT-Xent (at the reference's scale, 2x the Eq. 1
+    # mean), not a micro-batch's
+    torch.testing.assert_close(loss, 2 * nt_xent(z1, z2, TEMPERATURE), rtol=1e-12, atol=0)
 
 
 def _micro_batched_autograd(model: torch.nn.Module, views: torch.Tensor, size: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ def _micro_batched_autograd(model: torch.nn.Module, views: torch.Tensor, size: i
         _, z = model(torch.cat([view1[start : start + size], view2[start : start + size]]))
         z1_parts.append(z[: len(z) // 2])
         z2_parts.append(z[len(z) // 2 :])
-    loss = nt_xent(torch.cat(z1_parts), torch.cat(z2_parts), TEMPERATURE)
+    loss = 2 * nt_xent(torch.cat(z1_parts), torch.cat(z2_parts), TEMPERATURE)  # reference scale
     loss.backward()
     return loss.detach()
 

@@ -307,7 +307,8 @@ def test_module_with_simulated_gather_matches_full_batch(chunk_size):
             losses.append(loss_fn(pieces1[rank], pieces2[rank]))
         return torch.stack(losses).mean()
 
-    expected = loss_and_grads(lambda a, b: nt_xent(a, b, 0.2), z1, z2)
+    # The module's default scale is the reference's loss_a + loss_b: twice the Eq. 1 mean.
+    expected = loss_and_grads(lambda a, b: 2 * nt_xent(a, b, 0.2), z1, z2)
     actual = loss_and_grads(device_losses, z1, z2)
     for got, want in zip(actual, expected):
         assert_close_relative(got, want, 1e-12)
@@ -316,8 +317,12 @@ def test_module_with_simulated_gather_matches_full_batch(chunk_size):
 def test_module_without_gather_is_nt_xent():
     z1, z2 = random_views(6, 4)
     module = NTXentLoss(temperature=0.5)
-    assert module(z1, z2).item() == pytest.approx(nt_xent(z1, z2, 0.5).item(), rel=1e-14)
-    assert "temperature=0.5" in repr(module)
+    assert module(z1, z2).item() == pytest.approx(2 * nt_xent(z1, z2, 0.5).item(), rel=1e-14)
+    mean = NTXentLoss(temperature=0.5, reduction="mean")
+    assert mean(z1, z2).item() == pytest.approx(nt_xent(z1, z2, 0.5).item(), rel=1e-14)
+    assert "temperature=0.5" in repr(module) and "reduction=reference" in repr(module)
+    with pytest.raises(ValueError, match="reduction"):
+        NTXentLoss(reduction="sum")
 
 
 # --------------------------------------------------------------------------------------
@@ -468,5 +473,5 @@ def test_without_hidden_norm_is_the_dot_product_form(chunk_size):
     # and it is not the normalised loss: the scale of z now matters
     normalised = nt_xent(z1, z2, 0.5).detach()
     assert not torch.allclose(got[0], normalised)
-    module = NTXentLoss(temperature=0.5, hidden_norm=False)
+    module = NTXentLoss(temperature=0.5, hidden_norm=False, reduction="mean")
     assert torch.allclose(module(z1, z2).detach(), got[0])

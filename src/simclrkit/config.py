@@ -184,6 +184,9 @@ class LossConfig:
     temperature: float = 0.1
     chunk_size: int | None = None  # None: automatic (chunked for large batches)
     hidden_norm: bool = True  # L2-normalise z (cosine similarity); False: Table 5's dot product
+    # reference: loss_a + loss_b as objective.py (2x the Eq. 1 mean; LARS and weight decay then
+    # take the reference's steps); mean: the Eq. 1 mean over the 2N anchors (losses.py)
+    reduction: Literal["reference", "mean"] = "reference"
 
     def __post_init__(self) -> None:
         _positive("loss.temperature", self.temperature, "(0.1 for ImageNet, 0.5 for CIFAR-10)")

@@ -6,7 +6,8 @@ For a batch of N images seen as 2N views, with z L2-normalised and
     l(i, j) = -log( exp(sim(z_i, z_j) / temperature)
                     / sum_{k != i} exp(sim(z_i, z_k) / temperature) )
 
-and the batch loss is the mean of l over all 2N anchors (both directions of every pair).
+and the batch loss is the mean of l over all 2N anchors (both directions of every pair); the
+reference, and :class:`NTXentLoss` by default, use twice that (see "Scale" below).
 
 What lives here is pure maths: no ``torch.distributed``, no device placement.
 
@@ -31,13 +32,16 @@ Two ways to compute the loss, with equal values and gradients:
 
 Differences from the reference (google-research/simclr ``objective.py``):
 
-* The reference returns ``mean(loss_a + loss_b)``: the SUM of the two per-view means, i.e.
-  **2x** the value here, and gradients scale by the same factor. LARS's trust ratio
-  normalises the size of ``g + wd * w`` but not the ratio of the gradient to the weight
-  decay, so on every weight LARS adapts, this loss at weight decay wd takes the reference's
-  step at weight decay 2 * wd; the parameters LARS excludes (batch norm, biases) and plain
-  SGD take half the reference's step. We follow the paper's Eq. 1 (mean over 2N anchors),
-  which is also what lightly's ``NTXentLoss`` returns.
+* Scale. The reference returns ``loss_a + loss_b``, the SUM of the two directions' means
+  (view-1 anchors against all candidates, then view-2 anchors), which is **2x** the mean over
+  the 2N anchors of Eq. 1. The functions here return the Eq. 1 mean (pure maths);
+  :class:`NTXentLoss`, which training uses, returns the reference's scale by default
+  (``reduction="reference"``). The factor is not cosmetic: LARS's trust ratio normalises the
+  size of ``g + wd * w`` but not the ratio of the gradient to the weight decay, so with the
+  mean a run at weight decay wd takes the reference's step at weight decay 2 * wd on every
+  weight LARS adapts, and the parameters LARS leaves unadapted (BatchNorm, biases) and plain
+  SGD take half the reference's step. ``reduction="mean"`` keeps the Eq. 1 mean (what
+  lightly's ``NTXentLoss`` returns).
 * The reference masks a view's own similarity by subtracting 1e9; we overwrite it with a
   large finite negative (never ``-inf``, so no ``-inf * 0`` NaN can appear).
 * The reference's logged ``contrast_acc``/``contrast_entropy`` look only at view-1 anchors
@@ -82,6 +86,10 @@ _DENSE_MAX_LOGITS = 1024 * 1024
 _CHUNK_LOGITS = 2**25
 
 Gather = Callable[[Tensor], tuple[Tensor, int]]
+
+# What NTXentLoss multiplies the Eq. 1 mean by: the reference's loss_a + loss_b is the sum of
+# the two directions' means, i.e. twice the mean over all 2N anchors (module notes).
+REDUCTION_SCALES = {"reference": 2.0, "mean": 1.0}
 
 
 # --------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ def nt_xent(
     """NT-Xent loss of one batch (paper Eq. 1), averaged over all 2N anchors.
 
     The reference (``objective.py``) returns the sum of the two per-view means, i.e. 2x this
-    value; see the module docstring.
+    value; :class:`NTXentLoss` returns that scale by default (module notes).
 
     Args:
         z1: (N, D) projections of the first view of N images (not necessarily normalised).
@@ -599,9 +607,12 @@ class NTXentLoss(nn.Module):
         chunk_size: see :func:`nt_xent`.
         gather: None (single process) or the callable described above.
         hidden_norm: see :func:`nt_xent`.
+        reduction: ``"reference"`` (default): the reference's ``loss_a + loss_b``, twice the
+            Eq. 1 mean, so gradients, LARS and weight decay take the reference's steps;
+            ``"mean"``: the Eq. 1 mean over the 2N anchors (module notes).
 
     Raises:
-        ValueError: if temperature or chunk_size is invalid.
+        ValueError: if temperature, chunk_size or reduction is invalid.
     """
 
     def __init__(
@@ -610,10 +621,17 @@ class NTXentLoss(nn.Module):
         chunk_size: int | None = None,
         gather: Gather | None = None,
         hidden_norm: bool = True,
+        reduction: str = "reference",
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
         _check_chunk_size(chunk_size)
+        if reduction not in REDUCTION_SCALES:
+            raise ValueError(
+                f"reduction must be one of {sorted(REDUCTION_SCALES)}, got {reduction!r}"
+            )
+        self.reduction = reduction
+        self.scale = REDUCTION_SCALES[reduction]
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
         self.gather = gather
@@ -627,8 +645,12 @@ class NTXentLoss(nn.Module):
             z2: (n, D) second views on this device.
 
         Returns:
-            0-dim loss averaged over the 2n local anchors.
+            0-dim loss of the 2n local anchors: their mean times :attr:`scale` (2 for the
+            reference's ``loss_a + loss_b``, 1 for ``reduction="mean"``).
         """
+        return self.scale * self._mean(z1, z2)
+
+    def _mean(self, z1: Tensor, z2: Tensor) -> Tensor:
         if self.gather is None:
             return nt_xent(z1, z2, self.temperature, self.chunk_size, self.hidden_norm)
         _check_views(z1, z2, "z1", "z2")
@@ -651,5 +673,5 @@ class NTXentLoss(nn.Module):
         gather = "none" if self.gather is None else getattr(self.gather, "__name__", "custom")
         return (
             f"temperature={self.temperature}, chunk_size={self.chunk_size}, gather={gather}, "
-            f"hidden_norm={self.hidden_norm}"
+            f"hidden_norm={self.hidden_norm}, reduction={self.reduction}"
         )

@@ -102,6 +102,11 @@ _RESUME_MAY_CHANGE = {
 }
 
 
+# Keys whose default changed when they were added: a saved config without the key computed
+# with the value here, not with today's default.
+_DEFAULTS_BEFORE_KEY = {"loss.reduction": "mean"}
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or a gradient became NaN or infinite under the ``stop`` policy, or an
     optimiser step made the weights non-finite (under either policy)."""
@@ -172,9 +177,9 @@ def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     """Keys whose change would make a resumed run compute something else.
 
     A key missing from the saved config (a checkpoint from before the key existed) counts as
-    its default, which is what that run computed with.
+    what that run computed with: its default, or the value in ``_DEFAULTS_BEFORE_KEY``.
     """
-    old = {**_flatten(config_lib.to_dict(Config())), **_flatten(saved)}
+    old = {**_flatten(config_lib.to_dict(Config())), **_DEFAULTS_BEFORE_KEY, **_flatten(saved)}
     new = _flatten(config_lib.to_dict(current))
     return sorted(
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
@@ -484,7 +489,7 @@ def _pretrain(
     gather = distributed.gather_with_grad if info.world_size > 1 else None
     loss_fn = NTXentLoss(
         temperature=config.loss.temperature, chunk_size=config.loss.chunk_size, gather=gather,
-        hidden_norm=config.loss.hidden_norm,
+        hidden_norm=config.loss.hidden_norm, reduction=config.loss.reduction,
     )
     augment = build_augment(config, plan.image_size, plan.blur)
     batches = _step_source(train_data, augment, config, plan, info)

@@ -95,7 +95,10 @@ def _loss_checks(rank: int, world: int) -> dict:
     for name, (gather, chunk_size) in gathers.items():
         local1 = z1[rows].clone().requires_grad_()
         local2 = z2[rows].clone().requires_grad_()
-        loss = NTXentLoss(TEMPERATURE, chunk_size=chunk_size, gather=gather)(local1, local2)
+        # The Eq. 1 mean (scale 1), compared with nt_xent on the whole batch.
+        loss = NTXentLoss(TEMPERATURE, chunk_size=chunk_size, gather=gather, reduction="mean")(
+            local1, local2
+        )
         loss.backward()
         results[name] = {"loss": loss.detach(), "grad1": local1.grad, "grad2": local2.grad}
     gathered, offset = distributed.gather_with_grad(torch.cat([z1[rows], z2[rows]], dim=1))
