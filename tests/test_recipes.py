@@ -39,10 +39,13 @@ SOURCES = {
         "optim.lr": 0.075, "optim.lr_scaling": "sqrt", "model.encoder": "resnet50",
         "augment.crop_sampler": "reference", "data.image_size": 224,
     },
-    # SimCLRv2 §3: 3-layer head, lr 0.1 x sqrt(B), weight decay 1e-4, 800 epochs, batch 4096
+    # SimCLRv2 §3: 3-layer head, lr 0.1 x sqrt(B) "linearly increased for the first 5% of
+    # epochs" (40 of 800), weight decay 1e-4, batch 4096; fine-tuned "from the first layer of
+    # projection head" (ft_proj_selector 1)
     "imagenet_r50_v2": {
         "model.head_layers": 3, "optim.lr": 0.1, "optim.lr_scaling": "sqrt",
         "optim.weight_decay": 1e-4, "train.epochs": 800, "train.batch_size": 4096,
+        "optim.warmup_epochs": 40, "eval.ft_proj_selector": 1,
         "loss.temperature": 0.1, "augment.crop_sampler": "reference",
     },
 }

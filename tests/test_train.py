@@ -188,4 +188,4 @@ def test_short_pretraining_beats_random_init_on_mnist5k(tmp_path):
     assert "conv1.weight" in state["encoder"]
     for key in ("wall_seconds", "images_per_second"):
         assert summary[key] > 0
-    assert (run_dir / "report.md").read_text().count("plots/") == 4
+    assert (run_dir / "report.md").read_text().count("plots/") == 5  # 4 curves + monitors

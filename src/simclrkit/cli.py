@@ -138,20 +138,26 @@ def _print_results(summary: dict) -> None:
         f"{summary['train_seconds']:.0f}s at {summary['images_per_second']:.0f} images/s; "
         f"final loss {number(summary['final_loss'], '.4f')}"
     )
-    if "linear_top1" in evaluation:
-        line = f"linear evaluation on frozen features: top-1 {evaluation['linear_top1']:.4f}"
-        if "random_init_linear_top1" in evaluation:
-            gain = evaluation["linear_top1"] - evaluation["random_init_linear_top1"]
-            line += (
-                f" (same encoder at random initialisation: "
-                f"{evaluation['random_init_linear_top1']:.4f}, {gain * 100:+.1f} points)"
-            )
-        print(line)
-    if "knn_top1" in evaluation:
-        line = f"kNN (k=200) on frozen features: top-1 {evaluation['knn_top1']:.4f}"
-        if "random_init_knn_top1" in evaluation:
-            line += f" (random initialisation: {evaluation['random_init_knn_top1']:.4f})"
-        print(line)
+    for protocol, title in (("linear", "linear evaluation on frozen features"),
+                            ("knn", "kNN (k=200) on frozen features")):  # fmt: skip
+        if f"{protocol}_top1" in evaluation:
+            print(_compared_line(evaluation, protocol, title))
+
+
+def _compared_line(evaluation: dict, protocol: str, title: str) -> str:
+    """``title: top-1 X (random initialisation: Y, +d points; raw pixels: Z, +d points)``."""
+    top1 = evaluation[f"{protocol}_top1"]
+    context = [
+        f"{name}: {evaluation[key]:.4f}, {(top1 - evaluation[key]) * 100:+.1f} points"
+        for name, key in (("same encoder at random initialisation", f"random_init_{protocol}_top1"),
+                          ("raw pixels", f"raw_pixels_{protocol}_top1"))  # fmt: skip
+        if isinstance(evaluation.get(key), float)
+    ]
+    verdict = ""
+    if isinstance(evaluation.get(f"raw_pixels_{protocol}_top1"), float):
+        beats = top1 > evaluation[f"raw_pixels_{protocol}_top1"]
+        verdict = " - beats raw pixels" if beats else " - does NOT beat raw pixels"
+    return f"{title}: top-1 {top1:.4f}" + (f" ({'; '.join(context)})" if context else "") + verdict
 
 
 def _index(args: argparse.Namespace) -> int:

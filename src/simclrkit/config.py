@@ -58,6 +58,8 @@ DATASETS = (
     "shards",
 )
 FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")
+# Labelled in memory, pretraining on exactly the train split: data.holdout can split it.
+HOLDOUT_DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Upper bounds against typos (see the module docstring). Each message names its constant: a
@@ -104,9 +106,19 @@ class DataConfig:
     # files are found when read and replaced).
     check_files: Literal["none", "header", "decode"] = "none"
     reduced_decode: bool = True  # JPEGs decoded at the smallest scale that covers the crops
+    # Tuning: hold out this many labelled TRAINING images (stratified, fixed seed) as the split
+    # the run reports on; pretraining and the probes use the rest; the test split is unused.
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
+        _non_negative("data.holdout", self.holdout)
+        if self.holdout and self.dataset not in HOLDOUT_DATASETS:
+            raise ConfigError(
+                f"data.holdout: a validation split is carved from the labelled training images "
+                f"that pretraining uses, which dataset '{self.dataset}' does not have; use one "
+                f"of {', '.join(HOLDOUT_DATASETS)}, or data.holdout=0"
+            )
         if self.image_size is not None:
             _positive("data.image_size", self.image_size)
             _at_most("data.image_size", self.image_size, MAX_IMAGE_SIZE, "MAX_IMAGE_SIZE")
@@ -285,6 +297,16 @@ class EvalConfig:
 
     linear: bool = True  # logistic regression and kNN on frozen features
     random_init_baseline: bool = True
+    raw_pixels_baseline: bool = True  # the same probes on pixels (at most 32 px): no learning
+    # `simclrkit evaluate --protocol finetune` of this run: head layers kept under the
+    # classifier (SimCLRv2 fine-tunes from layer 1 of its 3-layer head; 0: from h)
+    ft_proj_selector: int = 0
+    # While training (monitors.py): a linear probe on detached h when the images have labels,
+    # and every monitor_every steps (auto: ten times a run) kNN on monitor_images fixed
+    # training images (and half as many test images), alignment, uniformity and RankMe.
+    online_probe: bool = True
+    monitor_every: int | Literal["auto"] = "auto"
+    monitor_images: int = 512
     batch_size: int = 512
     # The evaluation takes at most max(max_share x training time, min_seconds).
     max_share: float = 0.05
@@ -299,6 +321,15 @@ class EvalConfig:
         _non_negative("eval.min_seconds", self.min_seconds, "(seconds)")
         _positive("eval.max_train_images", self.max_train_images)
         _positive("eval.max_test_images", self.max_test_images)
+        if self.monitor_every != "auto":
+            _non_negative("eval.monitor_every", self.monitor_every, "(steps; 0: no monitors)")
+        _positive("eval.monitor_images", self.monitor_images)
+        _non_negative("eval.ft_proj_selector", self.ft_proj_selector, "(head layers)")
+        if self.ft_proj_selector > MAX_HEAD_LAYERS:
+            raise ConfigError(
+                f"eval.ft_proj_selector: got {self.ft_proj_selector}; allowed: at most the "
+                f"head's layers (model.head_layers, at most {MAX_HEAD_LAYERS})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -779,6 +810,7 @@ class Plan:
     blur: bool
     color_jitter_strength: float
     cifar_stem: bool
+    monitor_every: int  # steps between monitor measurements (0: none)
 
 
 def resolve(
@@ -842,4 +874,9 @@ def resolve(
         blur=blur,
         color_jitter_strength=color_strength(config.augment.color_jitter_strength, image_size),
         cifar_stem=cifar_stem,
+        # auto: ten measurements over the run (about 2% of the CPU default's time: monitors.py)
+        monitor_every=(
+            -(-total_steps // 10) if config.eval.monitor_every == "auto"
+            else config.eval.monitor_every
+        ),
     )

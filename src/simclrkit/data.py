@@ -208,7 +208,9 @@ def load_run_data(config: Any, split: str, *, quiet: bool = True) -> ImageArray 
     The end-of-run evaluation, the augmentation preview and ``simclrkit evaluate`` go through
     here, so each applies the run's ``data.max_bad_fraction``, ``data.check_files`` and decoding
     settings (pretraining itself reads the run's recorded index: ``rundata.py``). A file
-    dataset given only by ``data.index`` is found under the index's root.
+    dataset given only by ``data.index`` is found under the index's root. With
+    ``data.holdout`` = K, "train" and "pretrain" are the train split less K stratified
+    images and "test" is those K (a validation split for tuning; the test split is unused).
 
     Args:
         config: a run :class:`~simclrkit.config.Config` (its ``data`` section is used).
@@ -216,6 +218,8 @@ def load_run_data(config: Any, split: str, *, quiet: bool = True) -> ImageArray 
         quiet: no informational log line.
     """
     data = config.data
+    if data.holdout:
+        return _holdout_split(config, split, quiet)
     root = data.root
     if data.index and (not root or split in ("train", "pretrain")):
         index = load_index(data.index)
@@ -229,6 +233,43 @@ def load_run_data(config: Any, split: str, *, quiet: bool = True) -> ImageArray 
     return load_dataset(
         data.dataset, root, split, max_bad_fraction=data.max_bad_fraction, quiet=quiet,
         check=data.check_files, reduced_decode=data.reduced_decode,
+    )
+
+
+_HOLDOUT_SEED = 20260714  # fixed: every run of a recipe tunes on the same validation images
+
+
+def stratified_holdout(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) indices, both sorted: ``count`` images in the classes' proportions
+    (largest remainders), drawn with a fixed seed; every class keeps at least one image."""
+    labels = np.asarray(labels)
+    classes, sizes = np.unique(labels, return_counts=True)
+    share = count * sizes / len(labels)
+    take = np.floor(share).astype(np.int64)
+    for position in np.argsort(-(share - take), kind="stable")[: count - int(take.sum())]:
+        take[position] += 1
+    take = np.minimum(take, sizes - 1)
+    rng = np.random.default_rng(_HOLDOUT_SEED)
+    held = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)]
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+
+
+def _holdout_split(config: Any, split: str, quiet: bool) -> ImageArray:
+    """``data.holdout``: the train split less a stratified validation set ("train",
+    "pretrain"), or that validation set ("test")."""
+    data = config.data
+    train = load_dataset(data.dataset, data.root, "train", quiet=quiet)
+    if train.labels is None or data.holdout > len(train) - train.num_classes:
+        raise ConfigError(
+            f"data.holdout: {data.holdout} of the {len(train)} training images leaves too few "
+            f"for pretraining and the probes; hold out at most {len(train) - train.num_classes}"
+        )
+    kept, held = stratified_holdout(train.labels.numpy(), data.holdout)
+    rows = torch.from_numpy(held if split == "test" else kept)
+    return dataclasses.replace(
+        train, images=train.images[rows], labels=train.labels[rows],
+        split="holdout" if split == "test" else f"train-holdout{data.holdout}",
     )
 
 

@@ -27,6 +27,7 @@ setting is an :class:`EvalSettings` field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -72,7 +73,8 @@ class EvalSettings:
             B = 4096). B = 64 by default: label subsets of small datasets are small (10% of
             MNIST-5k is 400 images), and B = 256 would leave two steps per epoch.
         ft_proj_selector: projection-head layers kept under the fine-tuning classifier
-            (SimCLRv2 uses 1 with a 3-layer head; 0: the classifier sits on h).
+            (SimCLRv2 uses 1 with a 3-layer head; 0: the classifier sits on h); None: the
+            run's own ``eval.ft_proj_selector`` (its recipe's choice).
         random_init_baseline, raw_pixels_baseline: compute the context baselines.
         tsne_points: test points in the t-SNE map (0: no map).
     """
@@ -91,7 +93,7 @@ class EvalSettings:
     finetune_epochs: int | None = None
     finetune_batch_size: int = 64
     finetune_base_lr: float = 0.05
-    ft_proj_selector: int = 0
+    ft_proj_selector: int | None = None
     random_init_baseline: bool = True
     raw_pixels_baseline: bool = True
     tsne_points: int = 2000
@@ -109,7 +111,7 @@ class EvalSettings:
         if self.finetune_epochs is not None and self.finetune_epochs < 1:
             raise ConfigError(f"eval.finetune_epochs: got {self.finetune_epochs}; allowed: >= 1")
         for key in ("ft_proj_selector", "tsne_points"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key}: got {getattr(self, key)}; allowed: >= 0")
 
 
@@ -408,6 +410,8 @@ def _evaluate_checkpoint(
     # the size of the machine. The head is needed by fine-tuning's projection layers.
     state = load_trained_checkpoint(checkpoint_path, need_config=True, need_head=True)
     run_config = config_lib.from_dict(state["config"])
+    if settings.ft_proj_selector is None:  # the recipe's choice (SimCLRv2: layer 1)
+        settings = dataclasses.replace(settings, ft_proj_selector=run_config.eval.ft_proj_selector)
     arch = state["architecture"]
     dataset = settings.dataset or run_config.data.dataset
     root = settings.root if settings.root or settings.dataset else run_config.data.root

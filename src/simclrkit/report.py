@@ -17,8 +17,9 @@ from typing import Any
 from simclrkit.checkpoint import atomic_write
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Step records of ``metrics.jsonl``, one per step (the latest wins), sorted by step.
+def read_metrics(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """Step records of ``metrics.jsonl``, one per step (the latest wins), sorted by step:
+    the training lines, or with ``event`` the lines of that event (e.g. "monitor").
 
     A truncated last line (a crash mid-write) is ignored.
     """
@@ -31,10 +32,53 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "event" in record or "step" not in record:
+        if not isinstance(record, dict) or record.get("event") != event or "step" not in record:
             continue
         by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]
+
+
+# The monitors' figure (monitors.py): panels of (key, label, which records) curves.
+_MONITOR_PANELS = (
+    ("accuracy while training", (("knn_top1", "kNN, held-out", "monitor"),
+                                 ("probe_top1", "online probe, held-out", "monitor"),
+                                 ("probe_train_acc", "online probe, training views", "train"))),
+    ("alignment and uniformity of z", (("alignment", "alignment (lower: closer positives)", "monitor"),
+                                       ("uniformity", "uniformity (lower: more uniform)", "monitor"))),
+    ("effective rank of h (RankMe)", (("rankme", "effective rank", "monitor"),)),
+)  # fmt: skip
+
+
+def _plot_monitors(records: list[dict[str, Any]], monitors: list[dict[str, Any]], out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = {"monitor": monitors, "train": records}
+    panels = [
+        (title, [(label, [(r["step"], r[key]) for r in sources[kind] if r.get(key) is not None])
+                 for key, label, kind in curves])
+        for title, curves in _MONITOR_PANELS
+    ]  # fmt: skip
+    panels = [(title, [(label, pts) for label, pts in curves if pts]) for title, curves in panels]
+    panels = [(title, curves) for title, curves in panels if curves]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=100,
+                                squeeze=False)  # fmt: skip
+    for ax, (title, curves) in zip(axes[0], panels):
+        for label, points in curves:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=label)
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+    return True
 
 
 def _plot(records: list[dict[str, Any]], key: str, title: str, out: Path, log: bool = False) -> bool:
@@ -92,6 +136,10 @@ def write_report(run_dir: str | Path) -> Path:
         ("images_per_second", "throughput (images/s)", "throughput.png"),
     ]
     made = [(title, name) for key, title, name in figures if _plot(records, key, title, plots / name)]
+    monitors = read_metrics(run_dir / "metrics.jsonl", event="monitor")
+    if _plot_monitors(records, monitors, plots / "monitors.png"):
+        made.insert(0, ("online probe, kNN, alignment, uniformity and effective rank while "
+                        "training", "monitors.png"))  # fmt: skip
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -152,6 +200,18 @@ def write_report(run_dir: str | Path) -> Path:
                 f"| kNN (k=200) on frozen h | {number(evaluation['knn_top1'], '.4f')} "
                 f"| {number(evaluation.get('knn_top5'), '.4f')} |"
             )
+        for protocol, title in (("linear", "linear"), ("knn", "kNN (k=200)")):
+            if f"raw_pixels_{protocol}_top1" in evaluation:
+                lines.append(
+                    f"| {title} on raw pixels (no learning) | "
+                    f"{number(evaluation[f'raw_pixels_{protocol}_top1'], '.4f')} "
+                    f"| {number(evaluation.get(f'raw_pixels_{protocol}_top5'), '.4f')} |"
+                )
+    if monitors:
+        last = monitors[-1]
+        lines += ["", "## While training", "", f"At step {last['step']} (`eval.monitor_every`):", ""]
+        lines += [f"- {label}: {number(last[key], '.4f')}" for _, curves in _MONITOR_PANELS
+                  for key, label, kind in curves if kind == "monitor" and key in last]  # fmt: skip
     if made:
         lines += ["", "## Training curves", ""]
         lines += [f"![{title}](plots/{name})" for title, name in made]

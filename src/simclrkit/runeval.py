@@ -47,6 +47,7 @@ from simclrkit.evaluate import (
     compute_features,
     knn_probe,
     logistic_regression_probe,
+    raw_pixel_features,
     recalibrate_batchnorm,
     select_images,
     shared_features,
@@ -189,6 +190,9 @@ def evaluate_run(
         recalibrate_batchnorm(twin, calibration, image_size=image_size,
                               batch_size=settings.batch_size, device=device)  # fmt: skip
         report.update(probe(twin, "random_init_"))
+    if info.is_main and settings.raw_pixels_baseline and report:
+        report.update(_raw_pixels(train, train_ids, test, test_ids, image_size, seed,
+                                  started + budget))  # fmt: skip
     if not info.is_main:
         return {}
     seconds = time.perf_counter() - started
@@ -199,6 +203,27 @@ def evaluate_run(
     say(f"linear evaluation done in {seconds:.1f}s on {used['train']} train / {used['test']} "
         f"test images" + (f" ({'; '.join(notes)})" if notes else ""))
     return report
+
+
+def _raw_pixels(
+    train: Source, train_ids: np.ndarray, test: Source, test_ids: np.ndarray, image_size: int,
+    seed: int, deadline: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The same two probes on pixels (resized to at most 32 px): what no learning gives.
+
+    Pixels need no forward pass, so this costs the fits alone (the L-BFGS fit shares the
+    evaluation's deadline; at ImageNet size, 50,000 x 3,072 pixel features)."""
+    try:
+        train_x = raw_pixel_features(select_images(train, train_ids), image_size=image_size)
+        test_x = raw_pixel_features(select_images(test, test_ids), image_size=image_size)
+    except (OSError, ValueError) as error:  # a bad file: the baseline is context, not the result
+        return {"raw_pixels_notes": [f"raw-pixel baseline skipped: {error}"]}
+    train_y, test_y = train.labels[train_ids], test.labels[test_ids]
+    linear = logistic_regression_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(),
+                                       test_y.numpy(), seed=seed, deadline=deadline)  # fmt: skip
+    knn = knn_probe(train_x, train_y, test_x, test_y)
+    return {"raw_pixels_linear_top1": linear["top1"], "raw_pixels_linear_top5": linear["top5"],
+            "raw_pixels_knn_top1": knn["top1"], "raw_pixels_knn_top5": knn["top5"]}  # fmt: skip
 
 
 def _plan(

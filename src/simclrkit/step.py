@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,16 @@ def _batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+class StepOutput(NamedTuple):
+    """What one contrastive step leaves behind, detached: the 0-dim loss of this process's
+    anchors, the (n, D) embeddings of each view and h (2n, F) of both views."""
+
+    loss: Tensor
+    z1: Tensor
+    z2: Tensor
+    h: Tensor
+
+
 def contrastive_backward(
     model: nn.Module,
     views: Tensor,
@@ -53,7 +64,7 @@ def contrastive_backward(
     micro_batch_size: int | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> StepOutput:
     """Forward pass of both views, NT-Xent (paper Eq. 1) and backward; gradients accumulate.
 
     Without micro-batches: one forward pass of all 2n views (BatchNorm over both views).
@@ -85,8 +96,7 @@ def contrastive_backward(
         scaler: fp16 gradient scaler; the backward then starts from the scaled loss.
 
     Returns:
-        (loss, z1, z2), detached: the 0-dim loss of this process's anchors and the (n, D)
-        embeddings.
+        A :class:`StepOutput` (h of micro-batches is pass 1's, equal to pass 3's).
     """
     num_images = views.shape[0] // 2
 
@@ -95,11 +105,11 @@ def contrastive_backward(
 
     if micro_batch_size is None or micro_batch_size >= num_images:
         with autocast():
-            _, z = model(views)
+            h, z = model(views)
         z1, z2 = z[:num_images], z[num_images:]
         loss = loss_fn(z1, z2)
         backward(loss)
-        return loss.detach(), z1.detach(), z2.detach()
+        return StepOutput(loss.detach(), z1.detach(), z2.detach(), h.detach())
 
     starts = range(0, num_images, micro_batch_size)
 
@@ -109,9 +119,12 @@ def contrastive_backward(
 
     # 1. Embeddings without a graph; BN statistics untouched (pass 3 updates them).
     with torch.no_grad(), _batchnorm_statistics_kept(model), autocast():
-        micro_z = [model(micro_views(start))[1] for start in starts]
+        micro = [model(micro_views(start)) for start in starts]
+    micro_z = [z for _, z in micro]
     z1 = torch.cat([z[: len(z) // 2] for z in micro_z]).requires_grad_()
     z2 = torch.cat([z[len(z) // 2 :] for z in micro_z]).requires_grad_()
+    # h in the same order as the views: every first view, then every second view
+    h = torch.cat([h[: len(h) // 2] for h, _ in micro] + [h[len(h) // 2 :] for h, _ in micro])
     # 2. The loss of the whole batch and d loss / d z.
     loss = loss_fn(z1, z2)
     backward(loss)
@@ -124,7 +137,7 @@ def contrastive_backward(
             stop = start + micro_batch_size
             grad = torch.cat([z1.grad[start:stop], z2.grad[start:stop]])
             torch.autograd.backward(z, grad.to(z.dtype))
-    return loss.detach(), z1.detach(), z2.detach()
+    return StepOutput(loss.detach(), z1.detach(), z2.detach(), h)
 def _all_finite(loss: Tensor, model: nn.Module) -> bool:
     """One host sync: the loss plus the global gradient norm, reduced on the device.
 

@@ -62,6 +62,7 @@ from simclrkit.devices import select_device
 from simclrkit.filebatches import FileChunks
 from simclrkit.losses import NTXentLoss
 from simclrkit.models import SimCLR, build_model
+from simclrkit.monitors import TrainingMonitor
 from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from simclrkit.pipeline import StepBatches, auto_workers, batch_stream
 from simclrkit.rundata import prepare_train_data
@@ -72,6 +73,9 @@ from simclrkit.step import (
     contrastive_backward,
     resolve_precision,
 )
+
+# TensorBoard scalars of every metrics line (train/...).
+_TRAIN_SCALARS = ("loss", "contrastive_acc", "lr", "images_per_second")
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process stopped by SIGTERM
 
@@ -94,17 +98,23 @@ _RESUME_MAY_CHANGE = {
     # what runs after training, not the training itself
     "eval.linear",
     "eval.random_init_baseline",
+    "eval.raw_pixels_baseline",
     "eval.batch_size",
     "eval.max_share",
     "eval.min_seconds",
     "eval.max_train_images",
     "eval.max_test_images",
+    "eval.monitor_every",
+    "eval.monitor_images",
+    "eval.ft_proj_selector",
+    # the checkpoint decides: its optimiser state holds the probe's group or not
+    "eval.online_probe",
 }
 
 
 # Keys whose default changed when they were added: a saved config without the key computed
 # with the value here, not with today's default.
-_DEFAULTS_BEFORE_KEY = {"loss.reduction": "mean"}
+_DEFAULTS_BEFORE_KEY = {"loss.reduction": "mean", "eval.online_probe": False}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -200,7 +210,11 @@ class _Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def step(self, step: int, record: dict[str, float] | None) -> None:
+    def step(
+        self, step: int, record: dict[str, float] | None, watched: dict[str, float]
+    ) -> None:
+        """``watched``: the newest monitor measurement (``monitors.py``), shown beside."""
+        shown = {key: watched[key] for key in _WATCHED if key in watched}
         if self.bar is not None:
             self.bar.update(1)
             if record is not None:
@@ -208,6 +222,7 @@ class _Progress:
                     loss=f"{record['loss']:.4f}",
                     lr=f"{record['lr']:.3g}",
                     img_s=f"{record['images_per_second']:.0f}",
+                    **{_WATCHED[key]: f"{value:.3f}" for key, value in shown.items()},
                 )
         elif record is not None and not self.quiet:
             elapsed = time.perf_counter() - self.started
@@ -215,7 +230,8 @@ class _Progress:
             print(
                 f"step {step}/{self.total}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}"
                 f"  acc {record['contrastive_acc']:.3f}  lr {record['lr']:.4g}"
-                f"  {record['images_per_second']:.0f} img/s  eta {eta:.0f}s",
+                + "".join(f"  {_WATCHED[key]} {value:.3f}" for key, value in shown.items())
+                + f"  {record['images_per_second']:.0f} img/s  eta {eta:.0f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -223,6 +239,10 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# Monitor values on the progress line, by their short names there.
+_WATCHED = {"probe_top1": "probe", "knn_top1": "knn", "rankme": "rank"}
 
 
 class _RunLog:
@@ -455,9 +475,15 @@ def _pretrain(
     model = model.to(memory_format=memory_format)
     if config.train.sync_bn:
         model = distributed.convert_sync_batchnorm(model)  # same parameters, shared
+    # The probe exists where the checkpoint's optimiser state has its group (monitors.py).
+    with_probe = "probe" in state.get("monitor", {}) if state else config.eval.online_probe
+    autocast = _autocast_factory(device, precision)
+    monitor = TrainingMonitor.build(config, plan, model, train_data, device, info, quiet,
+                                    with_probe=with_probe, autocast=autocast)  # fmt: skip
     optimizer = build_optimizer(
         config.optim.name,
-        parameter_groups(model, weight_decay=config.optim.weight_decay),
+        parameter_groups(model, weight_decay=config.optim.weight_decay,
+                         extra_excluded=monitor.modules()),  # fmt: skip
         lr=plan.scaled_lr,
         momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay,
@@ -473,6 +499,7 @@ def _pretrain(
         model.encoder.load_state_dict(state["encoder"])
         model.head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
+        monitor.load_state_dict(state.get("monitor"))
         if scaler is not None and "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -483,7 +510,6 @@ def _pretrain(
     # The module that runs forward passes; `model` stays the plain one (state dicts, eval).
     forward_model = torch.compile(model) if config.train.compile else model
     forward_model = distributed.wrap_ddp(forward_model, device)
-    autocast = _autocast_factory(device, precision)
 
     # Negatives from every process (paper §2.2); a single process keeps the plain loss.
     gather = distributed.gather_with_grad if info.world_size > 1 else None
@@ -533,6 +559,7 @@ def _pretrain(
                 "data": data_record,
                 "bad_files": ledger.state_dict(),
                 "last_record": last_record,
+                "monitor": monitor.state_dict(),
                 **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             step,
@@ -558,10 +585,11 @@ def _pretrain(
 
             lr = schedule.apply(optimizer, step)
             optimizer.zero_grad(set_to_none=True)
-            loss, z1, z2 = contrastive_backward(
+            loss, z1, z2, h = contrastive_backward(
                 forward_model, views, loss_fn, micro_batch_size=config.train.micro_batch_size,
                 autocast=autocast, scaler=scaler,
             )
+            monitor.train_probe(h, batch.indices, scaler)  # on detached h: weights unchanged
             # fp16: gradient overflow is the scaler's business (it skips the step and lowers
             # the scale), so only the loss is checked.
             finite = math.isfinite(loss.item()) if scaler is not None else _all_finite(loss, model)
@@ -601,13 +629,17 @@ def _pretrain(
                     "images_per_second": window_images / max(now - window_start, 1e-9),
                     "skipped_steps": skipped_steps,
                     **({"bad_files": len(ledger.bad)} if ledger.reads else {}),
+                    **monitor.log_values(),
                 }
-                log.write(
-                    record, ("loss", "contrastive_acc", "lr", "images_per_second"), "train/"
-                )
+                log.write(record, _TRAIN_SCALARS + tuple(monitor.log_values_keys(record)), "train/")
                 last_record = record
                 window_start, window_images = time.perf_counter(), 0
-            progress.step(done, record)
+            if monitor.due(done, plan.total_steps):
+                watched = monitor.measure(model.encoder, h, z1, z2)
+                if watched:
+                    log.write({"event": "monitor", "step": done, **watched}, tuple(watched),
+                              "monitor/")  # fmt: skip
+            progress.step(done, record, monitor.latest)
             if stopping:
                 save(done)
                 progress.close()

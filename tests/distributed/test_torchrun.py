@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 STEPS = ["train.max_steps=12", "train.checkpoint_every=4"]
 # Interrupted runs checkpoint only when stopped (checkpoint_every may change on resume).
 RARE_CHECKPOINTS = ["train.max_steps=12", "train.checkpoint_every=100"]
-_COMPARED = ("step", "encoder", "head", "optimizer", "schedule", "rng")
+_COMPARED = ("step", "encoder", "head", "optimizer", "schedule", "rng", "monitor")
 _TIMEOUT = 300
 
 
@@ -54,8 +54,10 @@ def _compared(state: dict) -> dict:
 
 
 def _events(run_dir) -> list[dict]:
+    """The run's events (start, resume, preempted, eval), without the monitors' lines."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if '"event"' in line]
+    events = [json.loads(line) for line in lines if '"event"' in line]
+    return [event for event in events if event["event"] != "monitor"]
 
 
 def _losses(run_dir) -> list[float]:
@@ -77,6 +79,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(two_process_ru
     # measured 1.7e-7 after 4 steps, then rounding differences grow as training amplifies them
     # (5e-4 after 8 steps). Without SyncBN: 1.3e-2 after 4 steps (checked below).
     assert relative_difference(load(two_process_run, 4), load(one, 4)) < 1e-5
+    # The online probe's gradients are averaged over the processes: rank 0's probe is the
+    # one process's (checked to fail when the all-reduce in OnlineProbe.backward_step is removed).
+    assert relative_difference(load(two_process_run, 4), load(one, 4), ("probe",)) < 1e-5
     for two, single in zip(_losses(two_process_run)[:4], _losses(one)[:4]):
         assert abs(two - single) <= 1e-5 * abs(single)  # the logged loss is the global one
     # rank 0 alone wrote the log: one start event, each step once

@@ -125,14 +125,18 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name[5:14]) for p in folder.glob("step-*.pt"))
 
 
-def relative_difference(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over every floating tensor of the encoder and head (weights, BN)."""
+def relative_difference(a: dict, b: dict, parts: tuple[str, ...] = ("encoder", "head")) -> float:
+    """||a - b|| / ||b|| over every floating tensor of the encoder and head (weights, BN), or
+    of other ``parts``: "probe" is the online probe's weights (its running sums left out)."""
     num = den = 0.0
-    for part in ("encoder", "head"):
-        assert set(a[part]) == set(b[part])
-        for key, value in b[part].items():
-            if value.is_floating_point():
-                num += (a[part][key].double() - value.double()).square().sum().item()
+    for part in parts:
+        first, second = (
+            (x["monitor"]["probe"] if part == "probe" else x[part]) for x in (a, b)
+        )
+        assert set(first) == set(second)
+        for key, value in second.items():
+            if value.is_floating_point() and key != "sums":
+                num += (first[key].double() - value.double()).square().sum().item()
                 den += value.double().square().sum().item()
     return (num / den) ** 0.5
 
