@@ -117,8 +117,8 @@ def _simclrkit_run(run_dir: Path, overrides: list[str], steps: int, budget_s: fl
 def _simclrkit(args, split_data) -> dict:
     from simclrkit.checkpoint import load_checkpoint
     from simclrkit.config import load_config
+    from simclrkit.models import build_model
     from simclrkit.report import read_metrics
-    from simclrkit.train import build_model
 
     config = load_config(RECIPE, args.override)
     budget_s = args.budget_minutes * 60

@@ -111,7 +111,7 @@ def test_probe_and_monitors_leave_the_weights_bit_identical(tmp_path):
     monitors = [line for line in lines if line.get("event") == "monitor"]
     assert [m["step"] for m in monitors] == [3, 6, 8]
     for m in monitors:
-        assert {"alignment", "uniformity", "rankme", "knn_top1", "probe_top1"} <= set(m)
+        assert {"alignment", "uniformity", "rankme", "knn_top1", "probe_top1", "seconds"} <= set(m)
         assert 0 <= m["alignment"] <= 4 and m["uniformity"] <= 0 and m["rankme"] >= 1
     trained = [line for line in lines if "loss" in line]
     assert all("probe_train_acc" in line and "probe_loss" in line for line in trained)
@@ -131,7 +131,7 @@ def test_an_unlabelled_folder_is_watched_for_collapse_without_labels(tmp_path):
     monitors = [line for line in _lines(run_dir) if line.get("event") == "monitor"]
     assert [m["step"] for m in monitors] == [4, 8]
     for m in monitors:
-        assert set(m) == {"event", "step", "alignment", "uniformity", "rankme"}
+        assert set(m) == {"event", "step", "alignment", "uniformity", "rankme", "seconds"}
     assert not any("probe_loss" in line for line in _lines(run_dir))
     report = (run_dir / "report.md").read_text()
     assert "plots/monitors.png" in report

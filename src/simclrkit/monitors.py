@@ -23,9 +23,12 @@ whether h is becoming a good representation, nor whether it is collapsing. Two t
   - ``rankme``: the effective rank of h (Garrido et al. 2023, "RankMe"), exp of the entropy
     of its normalised singular values, from the step's batch (both views). A rank that falls
     towards 1 is dimensional collapse, visible without labels;
-  - with labels: ``knn_top1`` (weighted kNN, as the final evaluation's, of a fixed
-    class-balanced query subset against a fixed bank of training images, eval-mode h) and
+  - with labels: ``knn_top1`` (weighted kNN as the final evaluation's, with k = half of a
+    class's share of the bank, at most 200, of a fixed class-balanced query subset against a
+    fixed bank of training images, eval-mode h) and
     ``probe_top1`` (the online probe on the same queries).
+
+  Each measurement logs its own cost (``seconds``).
 
   Cost: the kNN features of ``bank + queries`` images (1,536 by default, forward passes in
   eval mode) and one SVD of the batch's h. On the CPU default that is well under a second per
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -211,11 +215,6 @@ class TrainingMonitor:
         """The probe's training loss and accuracy over the log window (every process calls)."""
         return self.probe.window() if self.probe is not None else {}
 
-    @staticmethod
-    def log_values_keys(record: dict[str, Any]) -> tuple[str, ...]:
-        """The probe's keys present in a metrics line (for TensorBoard)."""
-        return tuple(key for key in ("probe_loss", "probe_train_acc") if key in record)
-
     def due(self, step: int, total_steps: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == total_steps)
 
@@ -223,6 +222,7 @@ class TrainingMonitor:
     def measure(self, encoder: nn.Module, h: Tensor, z1: Tensor, z2: Tensor) -> dict[str, float]:
         """The monitors at this step (every process calls: h and z are gathered to the main
         process, which alone measures and returns them)."""
+        started = time.perf_counter()
         h_all = distributed.gather_rows(h.float())
         z_all = distributed.gather_rows(torch.cat([z1, z2], dim=1).float())
         if not self.is_main:
@@ -239,6 +239,7 @@ class TrainingMonitor:
             cuda = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 values.update(self._knn(encoder))
+        values["seconds"] = time.perf_counter() - started  # what watching costs, logged
         self.latest = values
         return values
 
@@ -254,7 +255,12 @@ class TrainingMonitor:
         if not (len(bank_rows) and len(query_rows)):
             return {}
         query_labels = self.queries.labels[query_rows]
-        knn = knn_probe(bank_h, self.bank.labels[bank_rows], query_h, query_labels)
+        bank_labels = self.bank.labels[bank_rows]
+        # k = 200 (the final evaluation's) on a bank of a few hundred images would let most of
+        # the bank vote; half of a class's share of the bank keeps the vote local.
+        classes = int(bank_labels.max()) + 1
+        k = max(1, min(200, len(bank_rows) // (2 * classes)))
+        knn = knn_probe(bank_h, bank_labels, query_h, query_labels, k=k)
         values = {"knn_top1": knn["top1"]}
         if self.probe is not None:
             logits = self.probe(query_h.to(self.device)).cpu()

@@ -404,40 +404,7 @@ def _pretrain(
     started = time.perf_counter()
     main = info.is_main
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=config.train.keep_last)
-    latest = checkpoints.latest()
-    restart_count, launch_id = _torchrun_launch()
-    state = None
-    if latest is not None and (resume or restart_count):
-        # Checked like any checkpoint before a model is built from it (checkpoint.py).
-        state = validate_training_checkpoint(
-            load_checkpoint(latest), str(latest), need_config=True, need_head=True
-        )
-    if not resume and state is not None:
-        # torchrun restarted the workers after a failure: continue from the checkpoint this
-        # same job (same rendezvous id) wrote, never from another run that is in the folder.
-        if launch_id is not None and state.get("launch_id") == launch_id:
-            resume = True
-            if not quiet:
-                print(
-                    f"simclrkit: torchrun restart {restart_count}: resuming from {latest}",
-                    file=sys.stderr,
-                )
-        else:
-            state = None
-    if resume and latest is None:
-        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
-    if not resume and latest is not None:
-        raise ConfigError(
-            f"--run-dir: {run_dir} already holds a run; pass --resume to continue it, "
-            "or choose another --run-dir"
-        )
-    if state is not None:
-        changed = config_differences(state["config"], config)
-        if changed and not force:
-            raise ConfigError(
-                "--resume: the config differs from the checkpoint's in settings that change the "
-                f"result ({'; '.join(changed)}); pass --force to resume anyway"
-            )
+    state, launch_id = _state_to_resume(checkpoints, run_dir, config, resume, force, quiet)
 
     train_data, data_record = prepare_train_data(
         config, run_dir, state.get("data") if state else None, resuming=state is not None,
@@ -620,6 +587,7 @@ def _pretrain(
             if log_now:
                 now = time.perf_counter()
                 train_seconds += now - window_start
+                probe_window = monitor.log_values()  # the probe's loss and accuracy, all ranks
                 record = {
                     "step": done,
                     "epoch": done / plan.steps_per_epoch,
@@ -629,9 +597,9 @@ def _pretrain(
                     "images_per_second": window_images / max(now - window_start, 1e-9),
                     "skipped_steps": skipped_steps,
                     **({"bad_files": len(ledger.bad)} if ledger.reads else {}),
-                    **monitor.log_values(),
+                    **probe_window,
                 }
-                log.write(record, _TRAIN_SCALARS + tuple(monitor.log_values_keys(record)), "train/")
+                log.write(record, _TRAIN_SCALARS + tuple(probe_window), "train/")
                 last_record = record
                 window_start, window_images = time.perf_counter(), 0
             if monitor.due(done, plan.total_steps):
@@ -703,6 +671,53 @@ def _pretrain(
     jsonout.write_json(run_dir / "summary.json", summary)
     write_report(run_dir)
     return summary
+
+
+def _state_to_resume(
+    checkpoints: CheckpointManager, run_dir: Path, config: Config, resume: bool, force: bool,
+    quiet: bool,
+) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
+    """(the checkpoint state this run continues from or None, this torchrun job's id).
+
+    Raises:
+        ConfigError: --resume without a checkpoint, a folder holding a run without --resume,
+            or settings that change the result differ from the checkpoint's (without --force).
+    """
+    latest = checkpoints.latest()
+    restart_count, launch_id = _torchrun_launch()
+    state = None
+    if latest is not None and (resume or restart_count):
+        # Checked like any checkpoint before a model is built from it (checkpoint.py).
+        state = validate_training_checkpoint(
+            load_checkpoint(latest), str(latest), need_config=True, need_head=True
+        )
+    if not resume and state is not None:
+        # torchrun restarted the workers after a failure: continue from the checkpoint this
+        # same job (same rendezvous id) wrote, never from another run that is in the folder.
+        if launch_id is not None and state.get("launch_id") == launch_id:
+            resume = True
+            if not quiet:
+                print(
+                    f"simclrkit: torchrun restart {restart_count}: resuming from {latest}",
+                    file=sys.stderr,
+                )
+        else:
+            state = None
+    if resume and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
+    if not resume and latest is not None:
+        raise ConfigError(
+            f"--run-dir: {run_dir} already holds a run; pass --resume to continue it, "
+            "or choose another --run-dir"
+        )
+    if state is not None:
+        changed = config_differences(state["config"], config)
+        if changed and not force:
+            raise ConfigError(
+                "--resume: the config differs from the checkpoint's in settings that change the "
+                f"result ({'; '.join(changed)}); pass --force to resume anyway"
+            )
+    return state, launch_id
 
 
 def _evaluate(

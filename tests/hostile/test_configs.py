@@ -36,6 +36,7 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "data.image_size": (1, C.MAX_IMAGE_SIZE, False, False),
     "data.num_workers": (0, C.MAX_WORKERS, False, False),
     "data.max_bad_fraction": (0, 1, False, False),
+    "data.holdout": (0, C.MAX_INT, False, False),
     "augment.color_jitter_strength": (0, _INF, False, True),
     "augment.color_jitter_prob": (0, 1, False, False),
     "augment.grayscale_prob": (0, 1, False, False),
@@ -65,6 +66,9 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "eval.min_seconds": (0, _INF, False, True),
     "eval.max_train_images": (1, C.MAX_INT, False, False),
     "eval.max_test_images": (1, C.MAX_INT, False, False),
+    "eval.monitor_every": (0, C.MAX_INT, False, False),
+    "eval.monitor_images": (1, C.MAX_INT, False, False),
+    "eval.ft_proj_selector": (0, C.MAX_HEAD_LAYERS, False, False),
     "seed": (0, C.MAX_SEED, False, False),
 }
 
