@@ -98,7 +98,7 @@ def test_resume_refuses_changed_settings_unless_forced(tmp_path, capsys):
     code = main(["pretrain", "--run-dir", str(run_dir), "--quiet", "--resume", *TINY,
                  "train.max_steps=2", "loss.temperature=0.3"])
     err = capsys.readouterr().err
-    assert code == 2 and "loss.temperature: 0.2 -> 0.3" in err and "--force" in err
+    assert code == 2 and "loss.temperature: 0.4 -> 0.3" in err and "--force" in err
     # starting over in a folder that holds a run is refused too: nothing is overwritten
     code = main(["pretrain", "--run-dir", str(run_dir), "--quiet", *TINY])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
