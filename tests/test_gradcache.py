@@ -61,13 +61,14 @@ def test_equal_to_the_full_batch_when_nothing_depends_on_the_batch(micro_batch_s
     """Eval-mode BatchNorm uses fixed statistics: caching must reproduce the full batch."""
     views = _views()
     full = _model().eval()
-    loss_full, z1_full, z2_full = contrastive_backward(full, views, NTXentLoss(TEMPERATURE))
+    loss_full, z1_full, z2_full, h_full = contrastive_backward(full, views, NTXentLoss(TEMPERATURE))
     cached = _model().eval()
-    loss, z1, z2 = contrastive_backward(
+    loss, z1, z2, h = contrastive_backward(
         cached, views, NTXentLoss(TEMPERATURE), micro_batch_size=micro_batch_size
     )
     torch.testing.assert_close(loss, loss_full, rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.cat([z1, z2]), torch.cat([z1_full, z2_full]))
+    torch.testing.assert_close(h, h_full)  # h in the same order: first views, then second
     _assert_close_dicts(_grads(cached), _grads(full), rtol=1e-10)
     # the returned loss is the full batch's NT-Xent (at the reference's scale, 2x the Eq. 1
     # mean), not a micro-batch's
@@ -93,7 +94,7 @@ def test_training_mode_equals_autograd_over_the_same_micro_batches(micro_batch_s
     reference = _model().train()
     loss_ref = _micro_batched_autograd(reference, views, micro_batch_size)
     cached = _model().train()
-    loss, _, _ = contrastive_backward(
+    loss, *_ = contrastive_backward(
         cached, views, NTXentLoss(TEMPERATURE), micro_batch_size=micro_batch_size
     )
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)

@@ -121,7 +121,7 @@ def _training_step(rank: int, world: int, *, sync_bn: bool, micro_batch_size: in
     view1, view2 = images()
     rows = slice(rank * NUM_IMAGES // world, (rank + 1) * NUM_IMAGES // world)
     views = torch.cat([view1[rows], view2[rows]])
-    loss, _, _ = contrastive_backward(ddp, views, loss_fn, micro_batch_size=micro_batch_size)
+    loss, *_ = contrastive_backward(ddp, views, loss_fn, micro_batch_size=micro_batch_size)
     return {
         "loss": distributed.all_reduce_mean(loss),
         "grads": {name: p.grad.clone() for name, p in network.named_parameters()},

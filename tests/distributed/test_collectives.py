@@ -46,7 +46,7 @@ def _reference_step(*, micro_batch_size=None, order=None) -> dict:
     view1, view2 = workers.images()
     if order is not None:
         view1, view2 = view1[order], view2[order]
-    loss, _, _ = contrastive_backward(
+    loss, *_ = contrastive_backward(
         network, torch.cat([view1, view2]), NTXentLoss(workers.TEMPERATURE),
         micro_batch_size=micro_batch_size,
     )
