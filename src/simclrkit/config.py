@@ -874,7 +874,7 @@ def resolve(
         blur=blur,
         color_jitter_strength=color_strength(config.augment.color_jitter_strength, image_size),
         cifar_stem=cifar_stem,
-        # auto: ten measurements over the run (about 2% of the CPU default's time: monitors.py)
+        # auto: ten measurements over the run (0.5% of the CPU default's training: monitors.py)
         monitor_every=(
             -(-total_steps // 10) if config.eval.monitor_every == "auto"
             else config.eval.monitor_every

@@ -30,11 +30,11 @@ whether h is becoming a good representation, nor whether it is collapsing. Two t
 
   Each measurement logs its own cost (``seconds``).
 
-  Cost: the kNN features of ``bank + queries`` images (1,536 by default, forward passes in
+  Cost: the kNN features of ``bank + queries`` images (768 by default, forward passes in
   eval mode) and one SVD of the batch's h. On the CPU default that is well under a second per
-  measurement, ten measurements per run by default (about 2% of its training time; the
-  figure is in the closing note of the issue and measured by comparing
-  ``eval.monitor_every=0``). At ImageNet size on a GPU, 1,536 images take about a second and
+  measurement, ten measurements per run by default (1.2 s of 264 s of training, 0.5%: the sum
+  of the ``seconds`` its monitor lines record, docs/benchmarks.md). At ImageNet size
+  on a GPU (an estimate: no GPU has run it), 768 images take under a second and
   the SVD of a (2B x 2048) h milliseconds; the queries come from the run's labelled test split
   (``load_run_data``), listed once at the start.
 
@@ -134,9 +134,9 @@ class OnlineProbe(nn.Module):
                 grad.copy_(part.view_as(grad))
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == labels).sum()
-            self.sums += torch.stack([loss.double() * len(labels), correct.double(),
-                                      torch.tensor(float(len(labels)), dtype=torch.float64,
-                                                   device=labels.device)])  # fmt: skip
+            self.sums[0] += loss.double() * len(labels)
+            self.sums[1] += correct
+            self.sums[2] += len(labels)
 
     def window(self) -> dict[str, float]:
         """Mean training loss and accuracy since the last call, over every process; resets."""

@@ -279,6 +279,19 @@ def damaged_states(draw, state: dict) -> tuple[dict, str]:
     return damaged, ACCEPT
 
 
+def _load_refused_or_usable(path, expected, damaged):
+    """``load_encoder(path)``: the encoder when it loads, None when it is refused in one line;
+    either outcome checked against what the damage should give."""
+    try:
+        encoder = load_encoder(path)
+    except _REFUSED as error:
+        assert "\n" not in str(error)
+        _check_outcome(expected, False, damaged)
+        return None
+    _check_outcome(expected, True, damaged)
+    return encoder
+
+
 def _check_outcome(expected: str, accepted: bool, case: object) -> None:
     event("accepted" if accepted else "refused")
     if expected == REFUSE:
@@ -317,13 +330,8 @@ def test_load_encoder_and_export_refuse_damaged_checkpoint_files(state, scratch,
     except (TypeError, ValueError, RuntimeError, pickle.PicklingError):
         event("unsavable")
         return  # torch.save cannot write it: no file to refuse
-    try:
-        encoder = load_encoder(path)
-    except _REFUSED as error:
-        assert "\n" not in str(error)
-        _check_outcome(expected, False, damaged)
-    else:
-        _check_outcome(expected, True, damaged)
+    encoder = _load_refused_or_usable(path, expected, damaged)
+    if encoder is not None:
         with torch.no_grad():
             h = encoder(encoder.preprocess(torch.zeros(1, 1, 16, 16)))
         assert h.shape == (1, encoder.feature_dim)
@@ -372,13 +380,8 @@ def test_safetensors_with_damaged_metadata_is_refused_or_usable(export, scratch,
     damaged, expected = data.draw(damaged_metadata(metadata), label="damaged")
     path, out = scratch / "damaged.safetensors", scratch / "re-export.safetensors"
     _save_safetensors(tensors, damaged, path)
-    try:
-        encoder = load_encoder(path)
-    except _REFUSED as error:
-        assert "\n" not in str(error)
-        _check_outcome(expected, False, damaged)
-    else:
-        _check_outcome(expected, True, damaged)
+    encoder = _load_refused_or_usable(path, expected, damaged)
+    if encoder is not None:
         assert encoder.feature_dim == 64
     try:
         export_checkpoint(path, "safetensors", out, include_head=True, overwrite=True)
