@@ -11,7 +11,10 @@ Measures, each in fresh subprocesses, interleaved over repeats, medians reported
 * ``pipeline``: images/s on ONE core (one process, one thread) of the whole file pipeline, read +
   decode + two 224 px views with blur, for a JPEG folder and for shards holding the same JPEGs,
   next to lightly's documented pipeline (torchvision ImageFolder + its SimCLRTransform in a
-  DataLoader) and to simclrkit without reduced-size decoding.
+  DataLoader) and to simclrkit without reduced-size decoding; and the host's half of the
+  accelerator pipeline (``data.augment_on=device``: read, decode, crop and resize both views to
+  uint8, the colour half left to the device), whose ratio to the whole says how much CPU work
+  per image the split removes.
 * ``photos``: the same for 12-megapixel photos: the raw folder (with reduced-size decoding)
   against the folder packed at 320 px (``simclrkit pack``), against the raw folder decoded in
   full, and lightly on the raw folder.
@@ -129,7 +132,7 @@ def startup(folder: Path, src: Path | None) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _simclrkit_rate(dataset: str, root: Path, images: int, reduced: bool) -> float:
+def _simclrkit_rate(dataset: str, root: Path, images: int, reduced: bool, split: bool) -> float:
     import torch
 
     from simclrkit.augment import imagenet_augment
@@ -138,8 +141,10 @@ def _simclrkit_rate(dataset: str, root: Path, images: int, reduced: bool) -> flo
 
     source = load_dataset(dataset, root, "train", reduced_decode=reduced, quiet=True)
     batch = 32
+    # split: the host's half of the accelerator pipeline (read, decode, crop and resize both
+    # views to uint8); the colour half runs on the device (devicefeed.py)
     chunks = FileChunks(source, imagenet_augment(224), seed=0, global_batch_size=batch,
-                        steps_per_epoch=max(1, len(source) // batch))  # fmt: skip
+                        images_per_epoch=len(source), finish_on_device=split)  # fmt: skip
 
     def step(s: int) -> None:
         chunks.assemble([chunks[s * chunks.items_per_step + k] for k in range(chunks.items_per_step)])
@@ -180,7 +185,8 @@ def _child(args: argparse.Namespace) -> None:
         rate = _lightly_rate(root, images)
     else:
         dataset = "shards" if "shards" in args.variant or "packed" in args.variant else "folder"
-        rate = _simclrkit_rate(dataset, root, images, reduced="full_decode" not in args.variant)
+        rate = _simclrkit_rate(dataset, root, images, reduced="full_decode" not in args.variant,
+                               split="split" in args.variant)  # fmt: skip
     print(json.dumps({"images_per_second": rate}))
 
 
@@ -276,7 +282,9 @@ def main() -> None:
     if "pipeline" in sections:
         rates = _interleaved({
             "simclrkit_folder": (imagenet, args.images),
+            "simclrkit_folder_split_host_half": (imagenet, args.images),
             "simclrkit_shards": (work / "imagenet-shards", args.images),
+            "simclrkit_shards_split_host_half": (work / "imagenet-shards", args.images),
             "simclrkit_folder_full_decode": (imagenet, args.images),
             "lightly_folder": (imagenet, args.images),
         }, args.repeats)  # fmt: skip
@@ -318,6 +326,9 @@ def _ratios(report: dict) -> None:
         ("simclrkit_folder", "lightly_folder", pipeline),
         ("simclrkit_shards", "lightly_folder", pipeline),
         ("simclrkit_folder", "simclrkit_folder_full_decode", pipeline),
+        # > 3: the host keeps under a third of the CPU path's work per image
+        ("simclrkit_folder_split_host_half", "simclrkit_folder", pipeline),
+        ("simclrkit_shards_split_host_half", "simclrkit_shards", pipeline),
         ("simclrkit_photos_packed_320", "simclrkit_photos_raw", photos),
         ("simclrkit_photos_raw", "lightly_photos_raw", photos),
         ("simclrkit_photos_raw", "simclrkit_photos_raw_full_decode", photos),

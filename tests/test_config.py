@@ -95,12 +95,43 @@ def test_yaml_file_with_a_typo_is_refused(tmp_path):
         C.load_config(str(path), [])
 
 
+def cfg_overrides(cfg) -> list[str]:
+    return ["train.batch_size=256", "train.epochs=3", "optim.warmup_epochs=1"]
+
+
+def _reference_steps(num_examples, epochs, batch_size, warmup_epochs):
+    """model_util.get_train_steps and WarmUpAndCosineDecay's warmup, as the reference writes
+    them (train_steps unset)."""
+    total = num_examples * epochs // batch_size + 1
+    warmup = int(round(warmup_epochs * num_examples // batch_size))
+    return total, warmup
+
+
+@pytest.mark.parametrize("num_examples,epochs,batch_size,warmup", [
+    (1000, 3, 256, 1), (50000, 1000, 512, 10), (1281167, 100, 4096, 10), (4000, 50, 256, 1),
+    (1281167, 800, 4096, 40), (5000, 7, 5000, 0), (999, 1, 2, 0.5),
+])  # fmt: skip
+def test_reference_step_counting_equals_the_reference_formulas(num_examples, epochs, batch_size,
+                                                                warmup):  # fmt: skip
+    cfg = C.load_config(None, [f"train.batch_size={batch_size}", f"train.epochs={epochs}",
+                               f"optim.warmup_epochs={warmup}"])  # fmt: skip
+    plan = C.resolve(cfg, num_examples=num_examples, native_image_size=32, in_channels=3)
+    assert (plan.total_steps, plan.warmup_steps) == _reference_steps(
+        num_examples, epochs, batch_size, warmup
+    )
+
+
 def test_resolve_derives_batch_lr_and_steps():
     cfg = C.load_config(None, ["train.batch_size=256", "train.epochs=3", "optim.warmup_epochs=1"])
     plan = C.resolve(cfg, num_examples=1000, native_image_size=28, in_channels=1, world_size=2)
     assert plan.batch_size_per_device == 128
-    assert plan.steps_per_epoch == 3  # drop the last partial batch
-    assert plan.total_steps == 9 and plan.warmup_steps == 3
+    # the reference's get_train_steps: 1000 * 3 // 256 + 1; warmup int(round(1 * 1000 // 256))
+    assert plan.total_steps == 12 and plan.warmup_steps == 3
+    assert plan.images_per_epoch == 1000 and plan.steps_per_epoch == 1000 / 256
+    drop = C.resolve(C.load_config(None, [*cfg_overrides(cfg), "train.step_counting=drop_last"]),
+                     num_examples=1000, native_image_size=28, in_channels=1, world_size=2)
+    assert drop.steps_per_epoch == 3 and drop.images_per_epoch == 768  # the rest dropped
+    assert drop.total_steps == 9 and drop.warmup_steps == 3
     assert plan.scaled_lr == pytest.approx(0.3 * 256 / 256)
     assert plan.cifar_stem is True and plan.blur is False and plan.image_size == 28
 

@@ -18,7 +18,7 @@ from conftest import smooth_images, write_jpeg_tree
 
 
 def _chunks(source, augment, **kwargs) -> FileChunks:
-    settings = dict(seed=5, global_batch_size=8, steps_per_epoch=2)
+    settings = dict(seed=5, global_batch_size=8, images_per_epoch=len(source))
     return FileChunks(source, augment, **{**settings, **kwargs})
 
 
@@ -158,3 +158,22 @@ def test_the_uint8_half_rounds_alike_in_the_cpu_kernels_and_the_tensor_ops(monke
     assert kernel.dtype == tensor.dtype == torch.uint8
     assert (kernel.int() - tensor.int()).abs().max() <= 1  # float rounding at a .5 boundary
     assert ((float_views * 255 - kernel.float()).abs() <= 0.5 + 1e-3).all()
+
+
+def test_a_step_that_straddles_two_epochs_keys_each_image_on_its_own_epoch(tmp_path):
+    # 10 images, batches of 4: step 2 holds the last two images of epoch 0 and the first two
+    # of epoch 1 (the reference's step counting). Images under twice the output size are
+    # decoded whole, so each view can be computed here from its own key.
+    write_jpeg_tree(tmp_path, classes=2, per_class=5, size=(24, 20))
+    source = load_dataset("imagefolder", tmp_path, "train")
+    augment = imagenet_augment(16)
+    chunks = _chunks(source, augment, global_batch_size=4, chunk_size=3)
+    batch = _step(chunks, 2)
+    epochs, indices = chunks.order.indices(2)
+    assert epochs.tolist() == [0, 0, 1, 1] and torch.equal(batch.indices, indices)
+    for row, (epoch, index) in enumerate(zip(epochs.tolist(), indices.tolist())):
+        image = source.read(index)
+        params = augment.sample_params(5, epoch, [index, index], [0, 1], *image.shape[-2:])
+        pair = augment.color(augment.crop_uint8(image.expand(2, -1, -1, -1), params), params)
+        torch.testing.assert_close(batch.views[row], pair[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch.views[4 + row], pair[1], atol=1e-5, rtol=0)

@@ -76,20 +76,24 @@ def test_shards_packed_from_a_folder_train_exactly_as_the_folder(tmp_path, data,
     assert_states_equal(_final(tmp_path / "run"), reference)
 
 
-@pytest.mark.parametrize("kind, workers", [("folder", 0), ("folder", 2), ("shards", 0),
-                                           ("shards", 2)])  # fmt: skip
-def test_sigkill_mid_run_then_resume_is_exact(tmp_path, data, reference, kind, workers):
+@pytest.mark.parametrize("kind, workers, where", [
+    ("folder", 0, "host"), ("folder", 2, "host"), ("shards", 0, "host"), ("shards", 2, "host"),
+    ("folder", 2, "device"),  # the split pipeline: the colour half after the crops cross
+])  # fmt: skip
+def test_sigkill_mid_run_then_resume_is_exact(tmp_path, data, reference, kind, workers, where):
     run_dir = tmp_path / "run"
     args = ["pretrain", "--run-dir", str(run_dir), *FILES, *data[kind],
-            f"data.num_workers={workers}"]  # fmt: skip
-    kill_at = random.Random(f"{kind}{workers}").choice([4, 5, 7, 8])  # between checkpoints
+            f"data.num_workers={workers}", f"data.augment_on={where}"]  # fmt: skip
+    kill_at = random.Random(f"{kind}{workers}{where}").choice([4, 5, 7, 8])  # between checkpoints
     process = run_cli(args)
     wait_for_step(run_dir, kill_at, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] < 10
     _finish(run_cli([*args, "--resume"]))
-    assert_states_equal(_final(run_dir), reference)  # the same for any worker count
+    # the same for any worker count, and where the colour half runs (on the CPU the device
+    # half runs the same compiled kernels)
+    assert_states_equal(_final(run_dir), reference)
 
 
 def test_sigterm_to_the_whole_process_group_with_workers(tmp_path, data, reference):

@@ -52,12 +52,15 @@ def test_same_seed_same_weights_other_seed_different(tmp_path, reference):
     assert not torch.equal(b["encoder"]["conv1.weight"], reference["encoder"]["conv1.weight"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_mid_run_then_resume_is_exact(tmp_path, reference, workers):
+@pytest.mark.parametrize("workers, where", [(0, "host"), (2, "host"), (0, "device")])
+def test_sigkill_mid_run_then_resume_is_exact(tmp_path, reference, workers, where):
+    # where="device": the split pipeline (uint8 images cross, the device renders the views);
+    # on the CPU its device half runs the host path's kernels, so the reference is the same
     run_dir = tmp_path / "run"
-    args = ["pretrain", "--run-dir", str(run_dir), *TINY, f"data.num_workers={workers}"]
+    args = ["pretrain", "--run-dir", str(run_dir), *TINY, f"data.num_workers={workers}",
+            f"data.augment_on={where}"]  # fmt: skip
     # Kill between checkpoints (every 3 steps) so the resumed run must redo steps.
-    kill_at = random.Random(workers).choice([4, 5, 7])
+    kill_at = random.Random(f"{workers}{where}").choice([4, 5, 7])
     process = run_cli(args)
     wait_for_step(run_dir, kill_at, process)
     process.send_signal(signal.SIGKILL)

@@ -131,12 +131,14 @@ def _as_int64(values: Indices | int, name: str) -> np.ndarray:
 
 
 def _uniforms(
-    seed: int, epoch: int, indices: Indices, view: Indices | int, num_slots: int
+    seed: int, epoch: Indices | int, indices: Indices, view: Indices | int, num_slots: int
 ) -> np.ndarray:
     index = _as_int64(indices, "indices")
     views = np.broadcast_to(_as_int64(view, "view"), index.shape)
+    # int64 viewed as uint64 is the value modulo 2**64, as ``int(epoch) & _MASK64`` was.
+    epochs = np.broadcast_to(_as_int64(epoch, "epoch"), index.shape)
     key = _mix64(np.full(index.shape, int(seed) & _MASK64, dtype=np.uint64))
-    key = _mix64(key ^ np.uint64(int(epoch) & _MASK64))
+    key = _mix64(key ^ epochs.view(np.uint64))
     key = _mix64(key ^ index.view(np.uint64))
     key = _mix64(key ^ views.view(np.uint64))
     bits = _mix64(key[:, None] ^ np.arange(num_slots, dtype=np.uint64)[None, :])
@@ -144,7 +146,7 @@ def _uniforms(
 
 
 def uniforms(
-    seed: int, epoch: int, indices: Indices, view: int | Indices, num_slots: int
+    seed: int, epoch: int | Indices, indices: Indices, view: int | Indices, num_slots: int
 ) -> torch.Tensor:
     """Counter-based uniform random numbers for a batch of views.
 
@@ -153,7 +155,8 @@ def uniforms(
 
     Args:
         seed: run seed (any Python int; taken modulo 2**64).
-        epoch: epoch number.
+        epoch: epoch number, one for all samples or (B,) one per sample (a step of the
+            reference's step counting may straddle two epochs: ``pipeline.StepOrder``).
         indices: (B,) dataset indices of the samples.
         view: which view (0, 1, ...), one for all samples or (B,) one per sample.
         num_slots: how many numbers per sample.
@@ -418,7 +421,7 @@ class SimCLRAugment:
     def sample_params(
         self,
         seed: int,
-        epoch: int,
+        epoch: int | Indices,
         indices: Indices,
         view: int | Indices,
         image_height: int,
@@ -427,7 +430,8 @@ class SimCLRAugment:
         """Draw the random parameters of one view of each sample.
 
         Args:
-            seed, epoch, indices (B,): the key of the counter-based RNG (:func:`uniforms`).
+            seed, epoch, indices (B,): the key of the counter-based RNG (:func:`uniforms`); the
+                epoch one for all samples or (B,) one per sample.
             view: which view, one for all samples or (B,) one per sample.
             image_height, image_width: source image size in pixels.
 

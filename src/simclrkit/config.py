@@ -99,6 +99,12 @@ class DataConfig:
     # Loader processes; auto: none for images in memory, a share of the cores for files.
     num_workers: int | Literal["auto"] = "auto"
     prefetch: bool = True  # a thread assembles the next batch during the step
+    # Where the per-pixel augmentation runs (devicefeed.py). host: every view is finished on
+    # the CPU (compiled kernels) and crosses as float32. device: the batch crosses as uint8 in
+    # pinned memory and the training device finishes it, batched: for images in memory the
+    # whole transform, for files the colour half after the loader's uint8 crops. auto: device
+    # when training on an accelerator, host on the CPU.
+    augment_on: Literal["auto", "host", "device"] = "auto"
     max_bad_fraction: float = 0.01
     # File datasets: a prebuilt index (simclrkit index ROOT --out FILE) instead of a listing.
     index: str | None = None
@@ -245,6 +251,11 @@ class TrainConfig:
 
     epochs: float = 100.0
     max_steps: int | None = None  # caps the run; the schedule is laid over the capped length
+    # reference: the epochs' shuffles are one stream cut into batches (the reference's
+    # shuffle -> repeat -> batch), a batch may hold the end of one epoch and the start of the
+    # next, N * epochs // B + 1 steps; drop_last: each epoch its own floor(N / B) batches, the
+    # rest of the epoch unused (PyTorch's DataLoader(drop_last=True))
+    step_counting: Literal["reference", "drop_last"] = "reference"
     batch_size: int = 4096  # global: summed over all devices
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     channels_last: bool = True
@@ -801,7 +812,8 @@ class Plan:
     world_size: int
     global_batch_size: int
     batch_size_per_device: int
-    steps_per_epoch: int
+    images_per_epoch: int  # stream positions per epoch (``pipeline.StepOrder``)
+    steps_per_epoch: float  # images_per_epoch / global_batch_size; for "epoch" in logs
     total_steps: int
     warmup_steps: int
     scaled_lr: float
@@ -823,8 +835,18 @@ def resolve(
 ) -> Plan:
     """Derives the per-device batch, the scaled learning rate and the step counts.
 
-    Steps per epoch drop the last partial batch, as the reference does, so every step sees a
-    full global batch and the loss's negatives are constant in number.
+    Step counting (``train.step_counting``), ``N`` images, global batch ``B``, ``E`` epochs:
+
+    * ``reference`` (default): as ``get_train_steps`` in the reference's ``model_util.py``,
+      ``N * E // B + 1`` steps over the data repeated before batching (``data.py``: shuffle,
+      ``repeat(-1)``, ``batch(drop_remainder=True)``), so no image of an epoch is left out and
+      a step may straddle two epochs; warmup ``int(round(W * N // B))`` steps, as its
+      ``WarmUpAndCosineDecay``. ``steps_per_epoch`` is then ``N / B``, a fraction.
+    * ``drop_last``: ``floor(N / B)`` steps per epoch, each epoch's last ``N mod B`` images of
+      its shuffle unused; ``round(E * floor(N / B))`` steps, warmup ``round(W * floor(N / B))``.
+
+    Either way every step sees a full global batch and the loss's negatives are constant in
+    number. ``train.max_steps`` caps the total (the reference's ``train_steps`` replaces it).
 
     Raises:
         ConfigError: when the batch does not divide over the devices or exceeds the data, or
@@ -851,11 +873,18 @@ def resolve(
             f"{world_size} processes); use a divisor of {per_device}, or null to turn "
             "gradient caching off"
         )
-    steps_per_epoch = num_examples // train.batch_size
-    total_steps = max(1, round(train.epochs * steps_per_epoch))
+    if train.step_counting == "reference":
+        images_per_epoch = num_examples
+        total_steps = int(num_examples * train.epochs // train.batch_size) + 1
+        warmup_steps = int(round(config.optim.warmup_epochs * num_examples // train.batch_size))
+    else:
+        images_per_epoch = num_examples // train.batch_size * train.batch_size
+        full_steps = num_examples // train.batch_size
+        total_steps = max(1, round(train.epochs * full_steps))
+        warmup_steps = round(config.optim.warmup_epochs * full_steps)
     if train.max_steps is not None:
         total_steps = min(total_steps, train.max_steps)
-    warmup_steps = min(total_steps, round(config.optim.warmup_epochs * steps_per_epoch))
+    warmup_steps = min(total_steps, warmup_steps)
     image_size = config.data.image_size or native_image_size
     from simclrkit.augment import color_strength, default_blur
 
@@ -865,7 +894,8 @@ def resolve(
         world_size=world_size,
         global_batch_size=train.batch_size,
         batch_size_per_device=train.batch_size // world_size,
-        steps_per_epoch=steps_per_epoch,
+        images_per_epoch=images_per_epoch,
+        steps_per_epoch=images_per_epoch / train.batch_size,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
         scaled_lr=scale_learning_rate(config.optim.lr, train.batch_size, config.optim.lr_scaling),

@@ -43,6 +43,7 @@ __all__ = [
     "DistInfo",
     "all_gather_objects",
     "all_reduce_any",
+    "all_reduce_flags",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -190,6 +191,28 @@ def all_reduce_any(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def all_reduce_flags(*flags: Tensor | bool) -> list[bool]:
+    """Each flag True on every process when it is True on at least one, in ONE host sync.
+
+    Flags may be device tensors (a finiteness check computed on the GPU) or Python bools;
+    they are stacked where the collective runs and read back together, so a training step
+    that needs several agreements waits for the device once.
+    """
+    device = _collective_device() if _world_size() > 1 else None
+    if device is None:
+        device = next((f.device for f in flags if isinstance(f, Tensor)), torch.device("cpu"))
+    values = torch.stack([
+        f.detach().to(device, torch.float32).reshape(()) if isinstance(f, Tensor)
+        # a fill kernel: torch.tensor(value, device=cuda) would copy from pageable memory,
+        # which waits for the stream, a second sync
+        else torch.full((), 1.0 if f else 0.0, device=device)
+        for f in flags
+    ])  # fmt: skip
+    if _world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in values.tolist()]
 
 
 def all_reduce_sum(values: Sequence[int]) -> list[int]:
@@ -460,7 +483,9 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 def no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync()`` (gradients accumulate locally, no all-reduce) for a DDP model;
-    a null context otherwise."""
+    a null context otherwise. A compiled DDP model (``torch.compile(DDP(model))``) counts as
+    the DDP model it wraps."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     if isinstance(model, DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()

@@ -56,6 +56,7 @@ class FileChunk:
     Attributes:
         step: the training step.
         indices: (m,) int64 dataset indices of the images used (replacements included).
+        epochs: (m,) int64 epochs of their batch positions (part of the augmentation key).
         keys: (m,) int64 keys of their augmentation draws (a replacement has its own).
         views: (2, m, C, S, S) uint8: both views, cropped and resized, colour not yet applied.
         reads: images read (replacement attempts included).
@@ -64,6 +65,7 @@ class FileChunk:
 
     step: int
     indices: torch.Tensor
+    epochs: torch.Tensor
     keys: torch.Tensor
     views: torch.Tensor
     reads: int = 0
@@ -104,9 +106,11 @@ class FileChunks(Dataset):
         augment: the view transform.
         seed: the run's seed.
         global_batch_size: images per step over all processes.
-        steps_per_epoch: full batches per epoch.
+        images_per_epoch: stream positions per epoch (``pipeline.StepOrder``).
         rank, world_size: this process's share of each global batch.
         chunk_size: images per item.
+        finish_on_device: :meth:`assemble` leaves the colour half to the training device
+            (``Batch.todo == "color"``): the views cross as uint8.
     """
 
     def __init__(
@@ -116,25 +120,29 @@ class FileChunks(Dataset):
         *,
         seed: int,
         global_batch_size: int,
-        steps_per_epoch: int,
+        images_per_epoch: int,
         rank: int = 0,
         world_size: int = 1,
         chunk_size: int = 64,
+        finish_on_device: bool = False,
     ) -> None:
         self.source, self.augment, self.seed = source, augment, seed
-        self.order = StepOrder(seed, steps_per_epoch, len(source), global_batch_size, rank,
+        self.finish_on_device = finish_on_device
+        self.order = StepOrder(seed, images_per_epoch, len(source), global_batch_size, rank,
                                world_size)  # fmt: skip
         self.chunk_size = min(chunk_size, self.order.batch_size_per_device)
         self.items_per_step = math.ceil(self.order.batch_size_per_device / self.chunk_size)
 
     def __getitem__(self, item: int) -> FileChunk:
         step, chunk = divmod(item, self.items_per_step)
-        epoch, indices = self.order.indices(step)
+        epochs, indices = self.order.indices(step)
         first = chunk * self.chunk_size
         positions = range(first, min(first + self.chunk_size, len(indices)))
-        result = FileChunk(step, torch.empty(0), torch.empty(0), torch.empty(0))
+        empty = torch.empty(0)
+        result = FileChunk(step, empty, epochs[first : first + len(positions)], empty, empty)
         used, keys, views = [], [], []
         for position in positions:
+            epoch = int(epochs[position])
             index, key, pair = self._sample(step, epoch, position, int(indices[position]), result)
             used.append(index)
             keys.append(key)
@@ -196,24 +204,35 @@ class FileChunks(Dataset):
 
     def assemble(self, chunks: list[FileChunk]) -> Batch:
         """A step's chunks -> its :class:`~simclrkit.pipeline.Batch` (colour applied)."""
-        return assemble(self.augment, self.seed, self.order.epoch_of(chunks[0].step), chunks)
+        return assemble(self.augment, self.seed, chunks, color=not self.finish_on_device)
 
 
-def assemble(augment: SimCLRAugment, seed: int, epoch: int, chunks: list[FileChunk]) -> Batch:
+def assemble(
+    augment: SimCLRAugment, seed: int, chunks: list[FileChunk], color: bool = True
+) -> Batch:
     """Joins the chunks of one step and applies the colour half of the transform, batched.
 
+    Args:
+        color: apply the colour half here; False leaves it, with its draws, to the training
+            device (``devicefeed.py``).
+
     Returns:
-        The step's batch: views (2B, C, S, S) float32, every first view before every second
-        one, as the training step concatenates them; the reads and bad reads of its chunks.
+        The step's batch: views (2B, C, S, S), every first view before every second one, as
+        the training step concatenates them, float32 (or uint8 with ``todo == "color"``); the
+        reads and bad reads of its chunks.
     """
     indices = torch.cat([c.indices for c in chunks])
     keys = torch.cat([c.keys for c in chunks])
+    epochs = torch.cat([c.epochs for c in chunks])
     views = torch.cat([torch.cat([c.views[v] for c in chunks]) for v in (0, 1)])
     batch = keys.shape[0]
     which = np.repeat(np.arange(2), batch)
     size = augment.output_size
-    params = augment.sample_params(seed, epoch, torch.cat([keys, keys]), which, size, size)
-    out = augment.color(views, params)
+    params = augment.sample_params(
+        seed, torch.cat([epochs, epochs]), torch.cat([keys, keys]), which, size, size
+    )
     reads = sum(c.reads for c in chunks)
     bad = [entry for c in chunks for entry in c.bad]
-    return Batch(indices, out, reads, bad)
+    if not color:
+        return Batch(indices, views, reads, bad, todo="color", params=params)
+    return Batch(indices, augment.color(views, params), reads, bad)

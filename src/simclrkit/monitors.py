@@ -208,7 +208,10 @@ class TrainingMonitor:
         """One probe backward on this step's h (both views) and its images' labels."""
         if self.probe is None:
             return
-        labels = self.labels[indices].to(h.device, non_blocking=True)
+        labels = self.labels[indices]
+        if h.device.type == "cuda":
+            labels = labels.pin_memory()  # a pageable copy could wait for the stream: a sync
+        labels = labels.to(h.device, non_blocking=True)
         self.probe.backward_step(h, torch.cat([labels, labels]), scaler)
 
     def log_values(self) -> dict[str, float]:

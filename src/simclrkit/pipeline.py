@@ -1,8 +1,9 @@
 """The stream of augmented training batches: item ``step`` is that step's batch.
 
 The stream is indexed by the global step, not by the image. The images of step ``s`` are a
-slice of an epoch permutation drawn from ``(seed, epoch)``, and every random number of their
-views comes from ``(seed, epoch, index, view)`` (``augment.uniforms``). So:
+slice of the run's stream of epoch permutations, each drawn from ``(seed, epoch)``
+(:class:`StepOrder`), and every random number of their views comes from
+``(seed, epoch, index, view)`` (``augment.uniforms``), the epoch being the sample's own. So:
 
 * resuming at step ``k`` is just starting the sampler at ``k``: no sampler state to save;
 * any number of DataLoader workers produces identical batches (items are pure functions);
@@ -43,15 +44,24 @@ class Batch(NamedTuple):
 
     Attributes:
         indices: (B,) int64 dataset indices of the images.
-        views: (2B, C, S, S) float32: the first view of every image, then every second view.
+        views: (2B, C, S, S) float32: the first view of every image, then every second view;
+            or, when ``todo`` is set, the uint8 pixels the training device finishes them from
+            (``devicefeed.py``).
         reads: image files read for it (0 for images held in memory).
         bad: (dataset index, reason) of each file read that failed and was replaced.
+        todo: what remains to be done on the device: "" nothing; "color": ``views`` are the
+            (2B, C, S, S) uint8 crops and the colour half remains (files); "views": ``views``
+            are the (B, C, H, W) uint8 images and the whole transform remains (in memory).
+        params: with ``todo``, the augmentation draws of the 2B views (first views, then
+            second views), small CPU tensors.
     """
 
     indices: torch.Tensor
     views: torch.Tensor
     reads: int = 0
     bad: Sequence[tuple[int, str]] = ()
+    todo: str = ""
+    params: dict[str, torch.Tensor] | None = None
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
@@ -61,34 +71,55 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
 
 
 class StepOrder:
-    """Which images each step gives this process: its rows of a slice of the epoch permutation.
+    """Which images each step gives this process: its rows of the run's stream of samples.
 
-    Rank ``r`` of ``W`` takes rows ``[r * b, (r + 1) * b)`` of step ``s``'s global batch, where
-    the global batch is ``B = global_batch_size`` consecutive entries of the permutation of
-    epoch ``s // steps_per_epoch``. The last permutation is cached: ImageNet's 1.28M is 10 MB
-    and ~20 ms to draw, once per epoch per process.
+    The stream is the concatenation of the epochs' permutations, each cut to its first
+    ``images_per_epoch`` entries; the global batch of step ``s`` is stream positions
+    ``[s B, (s + 1) B)`` and rank ``r`` of ``W`` takes rows ``[r b, (r + 1) b)`` of it
+    (``b = B / W``). Position ``q`` is entry ``q mod images_per_epoch`` of epoch
+    ``q // images_per_epoch``'s permutation. With ``images_per_epoch`` the number of images
+    this is the reference's shuffle -> repeat -> batch (a step may hold the end of one epoch
+    and the start of the next); with ``floor(N / B) B`` every epoch is whole steps and its
+    last ``N mod B`` images are dropped (``config.resolve``, ``train.step_counting``).
+
+    Cost: the two newest permutations are cached, since a step spans at most two epochs
+    (``config.resolve`` keeps ``B <= N``); ImageNet's 1.28M is 10 MB and ~20 ms to draw, once per epoch per process.
     """
 
     def __init__(
-        self, seed: int, steps_per_epoch: int, num_examples: int, global_batch_size: int,
+        self, seed: int, images_per_epoch: int, num_examples: int, global_batch_size: int,
         rank: int = 0, world_size: int = 1,
     ) -> None:  # fmt: skip
-        self.seed, self.steps_per_epoch, self.num_examples = seed, steps_per_epoch, num_examples
+        if not 0 < images_per_epoch <= num_examples:
+            raise ValueError(
+                f"images_per_epoch must be in [1, {num_examples}], got {images_per_epoch}"
+            )
+        self.seed, self.images_per_epoch, self.num_examples = seed, images_per_epoch, num_examples
         self.global_batch_size = global_batch_size
         self.batch_size_per_device = global_batch_size // world_size
         self.rank = rank
-        self._cached: tuple[int, torch.Tensor] | None = None
+        self._cached: dict[int, torch.Tensor] = {}
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cached:
+            self._cached = {e: o for e, o in self._cached.items() if e == epoch - 1}
+            self._cached[epoch] = epoch_order(self.seed, epoch, self.num_examples)
+        return self._cached[epoch]
 
-    def indices(self, step: int) -> tuple[int, torch.Tensor]:
-        """(epoch, this rank's dataset indices) of a step."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, epoch_order(self.seed, epoch, self.num_examples))
-        start = position * self.global_batch_size + self.rank * self.batch_size_per_device
-        return epoch, self._cached[1][start : start + self.batch_size_per_device]
+    def indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(epochs, dataset indices) of this rank's rows of a step: two (b,) int64 tensors.
+
+        The epoch of each sample is part of its augmentation key (``augment.uniforms``).
+        """
+        first = step * self.global_batch_size + self.rank * self.batch_size_per_device
+        positions = torch.arange(first, first + self.batch_size_per_device, dtype=torch.int64)
+        epochs = positions // self.images_per_epoch
+        within = positions % self.images_per_epoch
+        indices = torch.empty_like(positions)
+        for epoch in torch.unique(epochs).tolist():  # one or two epochs
+            rows = epochs == epoch
+            indices[rows] = self._order(epoch)[within[rows]]
+        return epochs, indices
 
 
 class StepBatches(Dataset):
@@ -99,8 +130,11 @@ class StepBatches(Dataset):
         augment: the view transform.
         seed: the run's seed.
         global_batch_size: images per step over all processes.
-        steps_per_epoch: full batches per epoch (the last partial batch is dropped).
+        images_per_epoch: stream positions per epoch (:class:`StepOrder`).
         rank, world_size: this process's share of each global batch.
+        finish_on_device: hand over the step's uint8 images and the views' draws instead of
+            rendered views (``Batch.todo == "views"``): the training device renders them,
+            ``B x C x H x W`` bytes crossing instead of ``2B x C x S x S x 4``.
     """
 
     items_per_step = 1
@@ -112,21 +146,31 @@ class StepBatches(Dataset):
         *,
         seed: int,
         global_batch_size: int,
-        steps_per_epoch: int,
+        images_per_epoch: int,
         rank: int = 0,
         world_size: int = 1,
+        finish_on_device: bool = False,
     ) -> None:
         self.source, self.augment, self.seed = source, augment, seed
-        self.order = StepOrder(seed, steps_per_epoch, len(source), global_batch_size, rank,
+        self.finish_on_device = finish_on_device
+        self.order = StepOrder(seed, images_per_epoch, len(source), global_batch_size, rank,
                                world_size)  # fmt: skip
 
     def __getitem__(self, step: int) -> Batch:
-        epoch, indices = self.order.indices(step)
+        epochs, indices = self.order.indices(step)
         images = self.source.images[indices]
+        if self.finish_on_device:
+            views = torch.arange(2).repeat_interleave(len(indices))
+            params = self.augment.sample_params(
+                self.seed, epochs.repeat(2), indices.repeat(2), views, *images.shape[-2:]
+            )
+            return Batch(indices, images, todo="views", params=params)
         size, batch = self.augment.output_size, len(indices)
         views = torch.empty(2 * batch, images.shape[1], size, size)
         for view, out in enumerate((views[:batch], views[batch:])):
-            params = self.augment.sample_params(self.seed, epoch, indices, view, *images.shape[-2:])
+            params = self.augment.sample_params(
+                self.seed, epochs, indices, view, *images.shape[-2:]
+            )
             self.augment.apply(images, params, out=out)
         return Batch(indices, views)
 
@@ -151,8 +195,11 @@ def batch_stream(
     With workers, each computes whole items ahead of the training loop; the order and content
     do not depend on the number of workers. With ``prefetch``, a background thread of this
     process assembles the next step while the caller trains on the current one (the
-    augmentation kernels release the GIL). Close the generator (``contextlib.closing``) to
-    stop that thread and the workers when leaving early.
+    augmentation kernels release the GIL). With ``pin_memory`` (CUDA only) each assembled
+    step's pixels are copied into page-locked memory there too, so that the copy to the
+    device can be asynchronous (``devicefeed.py``); the workers' chunks are not pinned, as
+    they are joined on the host. Close the generator (``contextlib.closing``) to stop that
+    thread and the workers when leaving early.
     """
     per_step = getattr(batches, "items_per_step", 1)
     loader = DataLoader(
@@ -160,7 +207,6 @@ def batch_stream(
         batch_size=None,
         sampler=range(start_step * per_step, total_steps * per_step),
         num_workers=num_workers,
-        pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
         worker_init_fn=worker_init if num_workers else None,
         # Its own generator: the loader's worker seeds would otherwise be drawn from the
@@ -173,7 +219,10 @@ def batch_stream(
         items = iter(loader)
         for _ in range(start_step, total_steps):
             group = [next(items) for _ in range(per_step)]
-            yield assemble(group) if assemble is not None else group[0]
+            batch = assemble(group) if assemble is not None else group[0]
+            if pin_memory:
+                batch = batch._replace(views=batch.views.pin_memory())
+            yield batch
 
     if not prefetch:
         yield from steps()

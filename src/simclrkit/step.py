@@ -9,7 +9,6 @@ the global batch. The loop itself is :func:`simclrkit.train.pretrain`.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,17 +137,19 @@ def contrastive_backward(
             grad = torch.cat([z1.grad[start:stop], z2.grad[start:stop]])
             torch.autograd.backward(z, grad.to(z.dtype))
     return StepOutput(loss.detach(), z1.detach(), z2.detach(), h)
-def _all_finite(loss: Tensor, model: nn.Module) -> bool:
-    """One host sync: the loss plus the global gradient norm, reduced on the device.
+def _nonfinite(loss: Tensor, model: nn.Module, gradients: bool = True) -> Tensor:
+    """A 0-dim bool tensor on the loss's device: the loss (and, with ``gradients``, the
+    global gradient norm) is NaN or infinite. Reduced on the device: reading it is the
+    step's one host sync.
 
     ``clip_grad_norm_`` with an infinite bound is the public way to get the total norm in one
     fused pass; it leaves the gradients unchanged (it scales them by 1).
     """
-    params = [p for p in model.parameters() if p.grad is not None]
     total = loss.detach().float()
+    params = [p for p in model.parameters() if p.grad is not None] if gradients else []
     if params:
         total = total + torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    return bool(math.isfinite(total.item()))
+    return ~torch.isfinite(total)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -58,6 +57,7 @@ from simclrkit.checkpoint import (
 )
 from simclrkit.config import Config, ConfigError, Plan
 from simclrkit.data import ImageArray, ImageFiles, dataset_summary
+from simclrkit.devicefeed import DeviceFeed, finish_on_device
 from simclrkit.devices import select_device
 from simclrkit.filebatches import FileChunks
 from simclrkit.losses import NTXentLoss
@@ -67,12 +67,13 @@ from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_gro
 from simclrkit.pipeline import StepBatches, auto_workers, batch_stream
 from simclrkit.rundata import prepare_train_data
 from simclrkit.step import (
-    _all_finite,
     _autocast_factory,
     _contrastive_accuracy,
+    _nonfinite,
     contrastive_backward,
     resolve_precision,
 )
+from simclrkit.throughput import breakdown, peak_flops, training_flops_per_image
 
 # TensorBoard scalars of every metrics line (train/...).
 _TRAIN_SCALARS = ("loss", "contrastive_acc", "lr", "images_per_second")
@@ -84,6 +85,7 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a process sto
 _RESUME_MAY_CHANGE = {
     "data.num_workers",
     "data.prefetch",
+    "data.augment_on",  # where the same views are rendered (float rounding apart)
     "data.max_bad_fraction",
     "data.index",
     "data.check_files",
@@ -114,7 +116,11 @@ _RESUME_MAY_CHANGE = {
 
 # Keys whose default changed when they were added: a saved config without the key computed
 # with the value here, not with today's default.
-_DEFAULTS_BEFORE_KEY = {"loss.reduction": "mean", "eval.online_probe": False}
+_DEFAULTS_BEFORE_KEY = {
+    "loss.reduction": "mean",
+    "eval.online_probe": False,
+    "train.step_counting": "drop_last",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -222,6 +228,7 @@ class _Progress:
                     loss=f"{record['loss']:.4f}",
                     lr=f"{record['lr']:.3g}",
                     img_s=f"{record['images_per_second']:.0f}",
+                    **_step_shares(record),
                     **{_WATCHED[key]: f"{value:.3f}" for key, value in shown.items()},
                 )
         elif record is not None and not self.quiet:
@@ -231,7 +238,9 @@ class _Progress:
                 f"step {step}/{self.total}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}"
                 f"  acc {record['contrastive_acc']:.3f}  lr {record['lr']:.4g}"
                 + "".join(f"  {_WATCHED[key]} {value:.3f}" for key, value in shown.items())
-                + f"  {record['images_per_second']:.0f} img/s  eta {eta:.0f}s",
+                + f"  {record['images_per_second']:.0f} img/s"
+                + "".join(f"  {key} {value}" for key, value in _step_shares(record).items())
+                + f"  eta {eta:.0f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -239,6 +248,14 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _step_shares(record: dict[str, Any]) -> dict[str, str]:
+    """What the step waited for (and, on a known GPU, MFU), as the progress line shows them."""
+    shown = {"data": f"{record['data_wait_share']:.0%}"} if "data_wait_share" in record else {}
+    if "mfu" in record:
+        shown["mfu"] = f"{record['mfu']:.0%}"
+    return shown
 
 
 # Monitor values on the progress line, by their short names there.
@@ -305,13 +322,16 @@ def _step_source(
     config: Config,
     plan: Plan,
     info: distributed.DistInfo,
+    device: torch.device,
 ) -> StepBatches | FileChunks:
     """The step-indexed dataset behind the batch stream: whole steps for images in memory,
-    uint8 chunks of steps for files (``filebatches.py``)."""
+    uint8 chunks of steps for files (``filebatches.py``); what the device finishes is
+    ``data.augment_on``'s choice (``devicefeed.py``)."""
     kind = FileChunks if isinstance(train_data, ImageFiles) else StepBatches
     return kind(
         train_data, augment, seed=config.seed, global_batch_size=plan.global_batch_size,
-        steps_per_epoch=plan.steps_per_epoch, rank=info.rank, world_size=info.world_size,
+        images_per_epoch=plan.images_per_epoch, rank=info.rank, world_size=info.world_size,
+        finish_on_device=finish_on_device(config.data.augment_on, device),
     )
 
 
@@ -475,8 +495,13 @@ def _pretrain(
         train_seconds = state.get("train_seconds", 0.0)
         last_record = state.get("last_record")
     # The module that runs forward passes; `model` stays the plain one (state dicts, eval).
-    forward_model = torch.compile(model) if config.train.compile else model
-    forward_model = distributed.wrap_ddp(forward_model, device)
+    # Compiled over DDP, as PyTorch recommends: its DDPOptimizer splits the graph at the
+    # gradient buckets, so the all-reduces still overlap the backward pass.
+    forward_model = distributed.wrap_ddp(model, device)
+    if config.train.compile:
+        forward_model = torch.compile(forward_model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # input shapes are fixed for the whole run
 
     # Negatives from every process (paper §2.2); a single process keeps the plain loss.
     gather = distributed.gather_with_grad if info.world_size > 1 else None
@@ -485,7 +510,7 @@ def _pretrain(
         hidden_norm=config.loss.hidden_norm, reduction=config.loss.reduction,
     )
     augment = build_augment(config, plan.image_size, plan.blur)
-    batches = _step_source(train_data, augment, config, plan, info)
+    batches = _step_source(train_data, augment, config, plan, info, device)
     ledger = BadFileLedger(
         config.data.max_bad_fraction, len(train_data),
         train_data.path if isinstance(train_data, ImageFiles) else str,
@@ -534,21 +559,22 @@ def _pretrain(
 
     saved_seconds = [train_seconds]  # training time as the newest checkpoint records it
     progress = _Progress(plan.total_steps, start_step, quiet, config.train.log_every)
+    flops_per_image, peak = training_flops_per_image(arch), peak_flops(device, precision)
     model.train()
     window_start, window_images = time.perf_counter(), 0
     workers = auto_workers(
         config.data.num_workers, in_memory=isinstance(train_data, ImageArray),
         device_type=device.type,
     )
-    stream = batch_stream(
-        batches, start_step, plan.total_steps, num_workers=workers, prefetch=config.data.prefetch
-    )
-    with _StopRequests() as stop, contextlib.closing(stream):
+    feed = DeviceFeed(
+        batch_stream(batches, start_step, plan.total_steps, num_workers=workers,
+                     prefetch=config.data.prefetch, pin_memory=device.type == "cuda"),
+        augment, device, memory_format,
+    )  # fmt: skip
+    with _StopRequests() as stop, contextlib.closing(feed):
         for step in range(start_step, plan.total_steps):
-            batch = next(stream)
+            batch, views = next(feed)
             ledger.add(batch.reads, batch.bad)
-            views = batch.views.to(device, non_blocking=True)
-            views = views.contiguous(memory_format=memory_format)
 
             lr = schedule.apply(optimizer, step)
             optimizer.zero_grad(set_to_none=True)
@@ -557,10 +583,13 @@ def _pretrain(
                 autocast=autocast, scaler=scaler,
             )
             monitor.train_probe(h, batch.indices, scaler)  # on detached h: weights unchanged
-            # fp16: gradient overflow is the scaler's business (it skips the step and lowers
-            # the scale), so only the loss is checked.
-            finite = math.isfinite(loss.item()) if scaler is not None else _all_finite(loss, model)
-            if not distributed.all_reduce_any(not finite):
+            # The step's one host sync: whether any process saw a non-finite loss or gradient
+            # (fp16: only the loss; overflow is the scaler's business), and whether a stop
+            # signal reached any process, which then all stop after this same step.
+            nonfinite, stopping = distributed.all_reduce_flags(
+                _nonfinite(loss, model, gradients=scaler is None), stop.signal_name is not None
+            )
+            if not nonfinite:
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -580,14 +609,17 @@ def _pretrain(
             record = None
             log_now = done % config.train.log_every == 0 or done == plan.total_steps
             save_now = done % config.train.checkpoint_every == 0 or done == plan.total_steps
-            # A signal may have reached only some processes: all stop at this same step.
-            stopping = distributed.all_reduce_any(stop.signal_name is not None)
             if log_now or save_now or stopping:
                 ledger.sync()  # the bad-file counts of every process, before they are saved
             if log_now:
                 now = time.perf_counter()
                 train_seconds += now - window_start
                 probe_window = monitor.log_values()  # the probe's loss and accuracy, all ranks
+                timing = breakdown(
+                    seconds=now - window_start, steps=window_images // plan.global_batch_size,
+                    images=window_images // info.world_size, **_feed_window(feed),
+                    flops_per_image=flops_per_image, peak=peak,
+                )
                 record = {
                     "step": done,
                     "epoch": done / plan.steps_per_epoch,
@@ -597,9 +629,10 @@ def _pretrain(
                     "images_per_second": window_images / max(now - window_start, 1e-9),
                     "skipped_steps": skipped_steps,
                     **({"bad_files": len(ledger.bad)} if ledger.reads else {}),
+                    **timing,
                     **probe_window,
                 }
-                log.write(record, _TRAIN_SCALARS + tuple(probe_window), "train/")
+                log.write(record, _TRAIN_SCALARS + tuple(timing) + tuple(probe_window), "train/")
                 last_record = record
                 window_start, window_images = time.perf_counter(), 0
             if monitor.due(done, plan.total_steps):
@@ -765,6 +798,12 @@ def _check_same_model(saved: dict[str, Any], arch: dict[str, Any]) -> None:
             f"--resume: the checkpoint's model differs from this config's ({'; '.join(changed)}); "
             "a run cannot change its model's shape, even with --force: start a new --run-dir"
         )
+
+
+def _feed_window(feed: DeviceFeed) -> dict[str, float]:
+    window = feed.window()
+    return {"data_wait": window["data_wait_s"], "feed": window["feed_s"],
+            "h2d_bytes": window["h2d_bytes"]}  # fmt: skip
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:

@@ -149,6 +149,10 @@ def run_checks(rank: int, world: int, port: int, out_dir: str) -> None:
             "is_main": distributed.is_main(),
             "any_one": distributed.all_reduce_any(rank == 1),
             "any_none": distributed.all_reduce_any(False),
+            # a device tensor (rank 0's non-finite check) and a bool (rank 1's stop signal)
+            "flags": distributed.all_reduce_flags(
+                ~torch.isfinite(torch.tensor(float("nan") if rank == 0 else 1.0)), rank == 1, False
+            ),
             "mean": distributed.all_reduce_mean(torch.tensor([float(rank), 10.0])),
             "losses": _loss_checks(rank, world),
             "step_sync_bn": _training_step(rank, world, sync_bn=True, micro_batch_size=None),

@@ -74,6 +74,7 @@ def test_process_info_and_reductions(ranks):
         assert result["is_main"] == (rank == 0)
         assert result["any_one"] is True  # only rank 1 said True: both see True
         assert result["any_none"] is False
+        assert result["flags"] == [True, True, False]  # each flag agreed on, in one reduction
         assert torch.equal(result["mean"], torch.tensor([0.5, 10.0]))
         assert "same number of rows" in result["unequal"]
 
@@ -152,6 +153,11 @@ def test_gradient_caching_under_ddp_equals_one_process_on_the_same_micro_batches
         assert _max_relative_error(step["state"], reference["state"]) < 1e-9
     # and it is not the full-batch step: BN statistics per micro-batch differ
     assert _max_relative_error(ranks[0]["step_micro"]["grads"], _reference_step()["grads"]) > 1e-3
+
+
+def test_flags_without_a_process_group_are_the_flags():
+    flags = distributed.all_reduce_flags(torch.tensor(False), True, torch.tensor(1.0) > 0, False)
+    assert flags == [False, True, True, False]
 
 
 def test_helpers_are_the_identity_without_a_process_group(monkeypatch):

@@ -95,6 +95,18 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(two_process_ru
     assert relative_difference(load(local_bn, 4), load(one, 4)) > 1e-3
 
 
+def test_the_split_pipeline_trains_two_processes_exactly_as_the_host_path(
+    two_process_run, tmp_path
+):
+    # data.augment_on=device: each rank's uint8 images cross and the device renders the views
+    # from the same draws; on the CPU the device half runs the host path's kernels, so the
+    # 2-process run is the host path's bit for bit (and so within the parity bound of 1).
+    split = tmp_path / "split"
+    _finish(start_torchrun(split, [*STEPS, "data.augment_on=device"]), "split 2-process run")
+    for step in (4, 12):
+        assert_states_equal(_compared(load(split, step)), _compared(load(two_process_run, step)))
+
+
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(two_process_run, tmp_path):
     run_dir = tmp_path / "run"
     process = start_torchrun(run_dir, RARE_CHECKPOINTS)
