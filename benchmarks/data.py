@@ -14,7 +14,8 @@ Measures, each in fresh subprocesses, interleaved over repeats, medians reported
   DataLoader) and to simclrkit without reduced-size decoding; and the host's half of the
   accelerator pipeline (``data.augment_on=device``: read, decode, crop and resize both views to
   uint8, the colour half left to the device), whose ratio to the whole says how much CPU work
-  per image the split removes.
+  per image the split removes; and the host's share with ``data.decode_on=device`` (read the
+  file, check its header, draw the crops: the device decodes).
 * ``photos``: the same for 12-megapixel photos: the raw folder (with reduced-size decoding)
   against the folder packed at 320 px (``simclrkit pack``), against the raw folder decoded in
   full, and lightly on the raw folder.
@@ -44,7 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from step import describe_machine  # noqa: E402
+from step import describe_machine, write_results  # noqa: E402
 
 _DISTINCT = 48  # real JPEGs behind the hard links
 
@@ -132,7 +133,9 @@ def startup(folder: Path, src: Path | None) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _simclrkit_rate(dataset: str, root: Path, images: int, reduced: bool, split: bool) -> float:
+def _simclrkit_rate(
+    dataset: str, root: Path, images: int, reduced: bool, split: bool, device_decode: bool
+) -> float:
     import torch
 
     from simclrkit.augment import imagenet_augment
@@ -142,9 +145,11 @@ def _simclrkit_rate(dataset: str, root: Path, images: int, reduced: bool, split:
     source = load_dataset(dataset, root, "train", reduced_decode=reduced, quiet=True)
     batch = 32
     # split: the host's half of the accelerator pipeline (read, decode, crop and resize both
-    # views to uint8); the colour half runs on the device (devicefeed.py)
+    # views to uint8); the colour half runs on the device (devicefeed.py). device_decode: the
+    # host only reads and checks headers; the device decodes and crops (jpegdevice.py)
     chunks = FileChunks(source, imagenet_augment(224), seed=0, global_batch_size=batch,
-                        images_per_epoch=len(source), finish_on_device=split)  # fmt: skip
+                        images_per_epoch=len(source), finish_on_device=split or device_decode,
+                        decode_on_device=device_decode)  # fmt: skip
 
     def step(s: int) -> None:
         chunks.assemble([chunks[s * chunks.items_per_step + k] for k in range(chunks.items_per_step)])
@@ -186,7 +191,8 @@ def _child(args: argparse.Namespace) -> None:
     else:
         dataset = "shards" if "shards" in args.variant or "packed" in args.variant else "folder"
         rate = _simclrkit_rate(dataset, root, images, reduced="full_decode" not in args.variant,
-                               split="split" in args.variant)  # fmt: skip
+                               split="split" in args.variant,
+                               device_decode="device_decode" in args.variant)  # fmt: skip
     print(json.dumps({"images_per_second": rate}))
 
 
@@ -285,6 +291,7 @@ def main() -> None:
             "simclrkit_folder_split_host_half": (imagenet, args.images),
             "simclrkit_shards": (work / "imagenet-shards", args.images),
             "simclrkit_shards_split_host_half": (work / "imagenet-shards", args.images),
+            "simclrkit_folder_device_decode_host_half": (imagenet, args.images),
             "simclrkit_folder_full_decode": (imagenet, args.images),
             "lightly_folder": (imagenet, args.images),
         }, args.repeats)  # fmt: skip
@@ -309,13 +316,7 @@ def main() -> None:
                 print(f"start-up {label:6s} {count:7d} files: {results[label][count]}", flush=True)
         report["startup"] = results
     _ratios(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    table = _table(report)
-    print(table)
-    if not args.no_docs:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as handle:
-            handle.write(table + "\n")
+    write_results(report, _table(report), args.out, docs=not args.no_docs)
 
 
 def _ratios(report: dict) -> None:
@@ -329,6 +330,7 @@ def _ratios(report: dict) -> None:
         # > 3: the host keeps under a third of the CPU path's work per image
         ("simclrkit_folder_split_host_half", "simclrkit_folder", pipeline),
         ("simclrkit_shards_split_host_half", "simclrkit_shards", pipeline),
+        ("simclrkit_folder_device_decode_host_half", "simclrkit_folder", pipeline),
         ("simclrkit_photos_packed_320", "simclrkit_photos_raw", photos),
         ("simclrkit_photos_raw", "lightly_photos_raw", photos),
         ("simclrkit_photos_raw", "simclrkit_photos_raw_full_decode", photos),

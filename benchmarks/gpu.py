@@ -13,6 +13,8 @@ the same device (steady-state windows of each run's own metrics, the first windo
 * ``folder_host``: the same with ``data.augment_on=host`` (every view finished on the CPU and
   crossing as float32): what the split pipeline saves.
 * ``shards``: the same JPEGs packed into tar shards (``simclrkit pack``).
+* ``folder_gpu_decode``, ``shards_gpu_decode``: the same with ``data.decode_on=device``: the
+  workers only read, the GPU decodes the step's JPEGs (nvJPEG) and crops them.
 * ``nccl_parity`` (two GPUs or more): ``torchrun --nproc_per_node=2`` against one process on
   the same global batch, 4 steps, relative difference of the weights.
 
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from data import make_folder  # noqa: E402
-from step import describe_machine  # noqa: E402
+from step import describe_machine, write_results  # noqa: E402
 
 FULL = {"encoder": "resnet50", "width": 1.0, "image_size": 224, "batch": 256, "steps": 60,
         "log_every": 10, "files": 4096, "memory_images": 8192, "precision": "bf16"}  # fmt: skip
@@ -201,7 +203,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
                         help="every path on the CPU at tiny sizes, to keep the script working")
-    parser.add_argument("--variants", default="bare,memory,folder,folder_host,shards,nccl_parity")
+    parser.add_argument("--variants", default="bare,memory,folder,folder_host,shards,"
+                        "folder_gpu_decode,shards_gpu_decode,nccl_parity")
     parser.add_argument("--steps", type=int, help="steps per run (default: 60, dry run 4)")
     parser.add_argument("--batch", type=int, help="global batch (default: 256, dry run 16)")
     parser.add_argument("--work", help="where the generated data lives (kept between runs)")
@@ -232,14 +235,17 @@ def main() -> None:
         "memory": ["data.dataset=stl10", f"data.root={stl10}", *split],
         "folder": ["data.dataset=folder", f"data.root={folder}", *split],
         "folder_host": ["data.dataset=folder", f"data.root={folder}", *host],
+        "folder_gpu_decode": ["data.dataset=folder", f"data.root={folder}", *split,
+                              "data.decode_on=device"],
     }
-    if "shards" in variants:
+    if any(name.startswith("shards") for name in variants):
         from simclrkit.pack import pack
 
         shards = work / "shards"
         if not (shards / "train.index.npz").exists():
             pack("folder", folder, shards, quiet=True)
         data["shards"] = ["data.dataset=shards", f"data.root={shards}", *split]
+        data["shards_gpu_decode"] = [*data["shards"], "data.decode_on=device"]
     for name in variants:
         at = time.perf_counter()
         if name == "bare":
@@ -260,13 +266,7 @@ def main() -> None:
             if "images_per_second" in result:
                 result["of_bare"] = result["images_per_second"] / bare
     report["total_seconds"] = time.perf_counter() - started
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    table = _table(report)
-    print(table)
-    if not args.no_docs:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as handle:
-            handle.write(table + "\n")
+    write_results(report, _table(report), args.out, docs=not args.no_docs)
 
 
 def _table(report: dict) -> str:

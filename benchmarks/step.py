@@ -210,6 +210,16 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps({"images_per_second": rate}))
 
 
+def write_results(report: dict, table: str, out: str, docs: bool) -> None:
+    """The JSON to ``out``, the table to stdout and, with ``docs``, to docs/benchmarks.md."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(table)
+    if docs:
+        with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a") as handle:
+            handle.write(table + "\n")
+
+
 def describe_machine() -> str:
     """One line naming the CPU (with its vector ISA), cores, torch, threads and page setting."""
     import torch

@@ -55,11 +55,11 @@ def test_images_in_memory_cross_as_uint8_and_the_device_renders_the_host_paths_v
         assert host_bytes(batch) == 16 * 3 * 36 * 36
         assert host_bytes(expected) == 2 * 16 * 3 * 32 * 32 * 4
         monkeypatch.setattr(render, "_CPU_KERNEL", False)  # the tensor ops a GPU runs
-        on_device = finish_views(batch, augment, DEVICE)
+        _, on_device = finish_views(batch, augment, DEVICE)
         monkeypatch.setattr(render, "_CPU_KERNEL", True)
         torch.testing.assert_close(on_device, expected.views, atol=2e-5, rtol=0)
         # and with the CPU's own kernels the split path is the host path bit for bit
-        assert torch.equal(finish_views(batch, augment, DEVICE), expected.views)
+        assert torch.equal(finish_views(batch, augment, DEVICE)[1], expected.views)
 
 
 def test_files_cross_as_uint8_crops_and_the_device_applies_the_colour_half(tmp_path, monkeypatch):
@@ -71,16 +71,16 @@ def test_files_cross_as_uint8_crops_and_the_device_applies_the_colour_half(tmp_p
         assert host_bytes(batch) * 4 == host_bytes(expected) == 2 * 8 * 3 * 24 * 24 * 4
         assert batch.reads == expected.reads and torch.equal(batch.indices, expected.indices)
         monkeypatch.setattr(render, "_CPU_KERNEL", False)
-        on_device = finish_views(batch, split.augment, DEVICE)
+        _, on_device = finish_views(batch, split.augment, DEVICE)
         monkeypatch.setattr(render, "_CPU_KERNEL", True)
         torch.testing.assert_close(on_device, expected.views, atol=2e-5, rtol=0)
-        assert torch.equal(finish_views(batch, split.augment, DEVICE), expected.views)
+        assert torch.equal(finish_views(batch, split.augment, DEVICE)[1], expected.views)
 
 
 def test_views_come_out_in_the_models_memory_format():
     augment = cifar_augment(32)
     batch = _memory(True, augment)[0]
-    views = finish_views(batch, augment, DEVICE, torch.channels_last)
+    _, views = finish_views(batch, augment, DEVICE, torch.channels_last)
     assert views.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(views, _memory(False, augment)[0].views)
 

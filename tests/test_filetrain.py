@@ -96,6 +96,24 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, data, reference, kind, w
     assert_states_equal(_final(run_dir), reference)
 
 
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_jpegs_decoded_on_the_device_resume_exactly(tmp_path, data, kind):
+    # data.decode_on=device: the workers only read, the device (here the CPU's torchvision
+    # decoder) decodes in full where Pillow decodes at a reduced scale, so the reference is
+    # an uninterrupted run of the same settings.
+    settings = [*FILES, *data[kind], "data.num_workers=2", "data.augment_on=device",
+                "data.decode_on=device"]  # fmt: skip
+    _finish(run_cli(["pretrain", "--run-dir", str(tmp_path / "whole"), *settings]))
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "--run-dir", str(run_dir), *settings]
+    process = run_cli(args)
+    wait_for_step(run_dir, 5, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _finish(run_cli([*args, "--resume"]))
+    assert_states_equal(_final(run_dir), _final(tmp_path / "whole"))
+
+
 def test_sigterm_to_the_whole_process_group_with_workers(tmp_path, data, reference):
     # What SLURM's --signal=TERM does: every process of the job, DataLoader workers included.
     run_dir = tmp_path / "run"

@@ -105,6 +105,12 @@ class DataConfig:
     # whole transform, for files the colour half after the loader's uint8 crops. auto: device
     # when training on an accelerator, host on the CPU.
     augment_on: Literal["auto", "host", "device"] = "auto"
+    # Image files: who decodes JPEGs. loader: the loader workers, with Pillow (at a reduced
+    # scale where the crops allow). device: the workers only read; the training device decodes
+    # the step's JPEGs in one batched call (nvJPEG on CUDA; jpegdevice.py) and crops them
+    # there; needs augment_on to resolve to device. Falls back to loader, saying so, where
+    # the device cannot decode.
+    decode_on: Literal["loader", "device"] = "loader"
     max_bad_fraction: float = 0.01
     # File datasets: a prebuilt index (simclrkit index ROOT --out FILE) instead of a listing.
     index: str | None = None

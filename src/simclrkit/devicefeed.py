@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from simclrkit.augment import SimCLRAugment
+from simclrkit.jpegdevice import fill_decoded
 from simclrkit.pipeline import Batch
 
 
@@ -48,12 +49,15 @@ def finish_on_device(setting: str, device: torch.device) -> bool:
 def finish_views(
     batch: Batch, augment: SimCLRAugment, device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:  # fmt: skip
-    """The batch's (2B, C, S, S) float32 views on ``device``, finished there if ``todo`` says.
+) -> tuple[Batch, torch.Tensor]:  # fmt: skip
+    """The batch's (2B, C, S, S) float32 views on ``device``, finished there if ``todo`` says,
+    and the batch (updated where a JPEG left to the device had to be recovered as bad).
 
     The copy is ``non_blocking``: asynchronous from pinned memory on CUDA.
     """
     pixels = batch.views.to(device, non_blocking=True)
+    if batch.encoded:  # JPEGs to decode here first (jpegdevice.py)
+        batch, pixels = fill_decoded(batch, pixels, augment, device)
     if batch.todo == "color":
         views = augment.color(pixels, batch.params)
     elif batch.todo == "views":
@@ -63,12 +67,14 @@ def finish_views(
         views = pixels
     else:
         raise ValueError(f"unknown batch todo {batch.todo!r}")
-    return views.contiguous(memory_format=memory_format)
+    return batch, views.contiguous(memory_format=memory_format)
 
 
 def host_bytes(batch: Batch) -> int:
-    """Bytes of pixels the batch moves from the host to the device."""
-    return batch.views.numel() * batch.views.element_size()
+    """Bytes the batch moves from the host to the device: its pixels and any JPEG files the
+    device decodes."""
+    encoded = sum(entry[1].numel() for entry in batch.encoded)
+    return batch.views.numel() * batch.views.element_size() + encoded
 
 
 class DeviceFeed:
@@ -116,7 +122,7 @@ class DeviceFeed:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             start.record()
-            views = finish_views(batch, self.augment, self.device, self.memory_format)
+            batch, views = finish_views(batch, self.augment, self.device, self.memory_format)
             end.record()
         self._events.append((start, end))
         return batch, views
@@ -126,7 +132,7 @@ class DeviceFeed:
             batch = self._next_host()
             self.bytes += host_bytes(batch)
             started = time.perf_counter()
-            views = finish_views(batch, self.augment, self.device, self.memory_format)
+            batch, views = finish_views(batch, self.augment, self.device, self.memory_format)
             self._feed_seconds += time.perf_counter() - started
             return batch, views
         if self._ahead is None:

@@ -23,14 +23,16 @@ bad; ``badfiles.py`` counts them over the ranks and stops the run above the conf
 fraction.
 
 Cost per ImageNet-size image (~500x375 JPEG) on one core of a 2-core EPYC
-(``benchmarks/data.py``): 3.8 ms in all, 266 images/s, 2.3x lightly's pipeline, of which
-Pillow's decode is 0.8 ms (a reduced scale only pays for crops at least twice the output size,
-so rarely here). At that rate an accelerator consuming ~1,500 images/s (BENCHMARKS.md's figure
-for ResNet-50 on an H100) needs ~6 cores of loader workers.
+(``benchmarks/data.py --sections pipeline``): 3.0 ms in all, 336 images/s, 2.3x lightly's
+pipeline (a reduced scale only pays for crops at least twice the output size, so rarely here).
+With the colour half on the device (``finish_on_device``) a worker's share is 2.1 ms, most of
+it Pillow's decode; with ``decode_on_device`` 0.15 ms (read, header, draws). At the ~1,500
+images/s an H100 trains ResNet-50 at (BENCHMARKS.md), that is ~4.5, ~3 and ~0.2 cores.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -41,6 +43,7 @@ from torch.utils.data import Dataset
 from simclrkit.augment import SimCLRAugment, uniforms
 from simclrkit.config import ConfigError
 from simclrkit.imagefiles import BadImageError, ImageFiles
+from simclrkit.jpegdevice import device_decodable
 from simclrkit.pipeline import Batch, StepOrder
 
 # Attempts at a replacement before the data is declared unreadable: with a bad fraction f,
@@ -58,9 +61,13 @@ class FileChunk:
         indices: (m,) int64 dataset indices of the images used (replacements included).
         epochs: (m,) int64 epochs of their batch positions (part of the augmentation key).
         keys: (m,) int64 keys of their augmentation draws (a replacement has its own).
-        views: (2, m, C, S, S) uint8: both views, cropped and resized, colour not yet applied.
+        views: (2, m, C, S, S) uint8: both views, cropped and resized, colour not yet applied;
+            without the images in ``encoded``, which the device decodes and crops.
         reads: images read (replacement attempts included).
         bad: (dataset index, reason) of every read that failed.
+        encoded: JPEGs left to the device to decode (``decode_on_device``): (position in the
+            chunk, encoded bytes as a uint8 tensor, the draws of both views at full size)
+            (``jpegdevice.py``).
     """
 
     step: int
@@ -70,6 +77,7 @@ class FileChunk:
     views: torch.Tensor
     reads: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)
+    encoded: list[tuple[int, torch.Tensor, dict]] = field(default_factory=list)
 
 
 def largest_reduction(params: dict[str, torch.Tensor], output_size: int) -> int:
@@ -111,6 +119,8 @@ class FileChunks(Dataset):
         chunk_size: images per item.
         finish_on_device: :meth:`assemble` leaves the colour half to the training device
             (``Batch.todo == "color"``): the views cross as uint8.
+        decode_on_device: plain JPEGs are read, not decoded: the training device decodes and
+            crops them (``jpegdevice.py``; needs ``finish_on_device``).
     """
 
     def __init__(
@@ -125,9 +135,12 @@ class FileChunks(Dataset):
         world_size: int = 1,
         chunk_size: int = 64,
         finish_on_device: bool = False,
+        decode_on_device: bool = False,
     ) -> None:
+        if decode_on_device and not finish_on_device:
+            raise ValueError("decode_on_device needs finish_on_device: the crops exist there only")
         self.source, self.augment, self.seed = source, augment, seed
-        self.finish_on_device = finish_on_device
+        self.finish_on_device, self.decode_on_device = finish_on_device, decode_on_device
         self.order = StepOrder(seed, images_per_epoch, len(source), global_batch_size, rank,
                                world_size)  # fmt: skip
         self.chunk_size = min(chunk_size, self.order.batch_size_per_device)
@@ -143,13 +156,24 @@ class FileChunks(Dataset):
         used, keys, views = [], [], []
         for position in positions:
             epoch = int(epochs[position])
-            index, key, pair = self._sample(step, epoch, position, int(indices[position]), result)
+            index = int(indices[position])
+            encoded = self._encoded(index, epoch) if self.decode_on_device else None
+            if encoded is not None:  # read; the device decodes it
+                result.reads += 1
+                result.encoded.append((position - first, *encoded))
+                key = index
+            else:
+                index, key, pair = self._sample(step, epoch, position, index, result)
+                views.append(pair)
             used.append(index)
             keys.append(key)
-            views.append(pair)
         result.indices = torch.tensor(used, dtype=torch.int64)
         result.keys = torch.tensor(keys, dtype=torch.int64)
-        result.views = torch.stack(views, dim=1)
+        size = self.augment.output_size
+        result.views = (
+            torch.stack(views, dim=1) if views
+            else torch.empty(2, 0, self.source.num_channels, size, size, dtype=torch.uint8)
+        )  # fmt: skip
         return result
 
     def _sample(
@@ -172,6 +196,33 @@ class FileChunks(Dataset):
             f"data: {MAX_REPLACEMENTS + 1} images in a row could not be read (the first: "
             f"{first_failure}); the data is unreadable or almost all of it is bad"
         )
+
+    def _encoded(self, index: int, epoch: int) -> tuple[torch.Tensor, dict] | None:
+        """(bytes, both views' draws) of a JPEG the device can decode, else None (not a plain
+        JPEG, too large, a broken header or a failed read: the Pillow path reports those)."""
+        try:
+            data = self.source.fetch(index)
+        except Exception:  # retried, and counted if bad, by the Pillow path
+            return None
+        size = device_decodable(data, self.source.max_image_pixels)
+        if size is None:
+            return None
+        params = self.augment.sample_params(self.seed, epoch, [index, index], [0, 1], *size)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), params
+
+    def recover(self, step: int, position: int, index: int, epoch: int) -> tuple:
+        """The Pillow path for a JPEG the device failed to decode, at its batch position: the
+        same replacement and counts as if it had never been left to the device.
+
+        Returns:
+            (image used, (2, C, S, S) uint8 views, the colour draws of its 2 views, reads
+            beyond the one already counted, bad reads).
+        """
+        report = FileChunk(step, *(torch.empty(0),) * 4)
+        used, key, pair = self._sample(step, epoch, position, index, report)
+        size = self.augment.output_size
+        params = self.augment.sample_params(self.seed, epoch, [key, key], [0, 1], size, size)
+        return used, pair, params, report.reads - 1, report.bad
 
     def _replacement(self, step: int, global_position: int, attempt: int) -> tuple[int, int]:
         """The stand-in for a bad image: a function of (seed, step, position, attempt) only.
@@ -204,7 +255,10 @@ class FileChunks(Dataset):
 
     def assemble(self, chunks: list[FileChunk]) -> Batch:
         """A step's chunks -> its :class:`~simclrkit.pipeline.Batch` (colour applied)."""
-        return assemble(self.augment, self.seed, chunks, color=not self.finish_on_device)
+        batch = assemble(self.augment, self.seed, chunks, color=not self.finish_on_device)
+        if batch.encoded:
+            batch = batch._replace(recover=functools.partial(self.recover, chunks[0].step))
+        return batch
 
 
 def assemble(
@@ -218,8 +272,9 @@ def assemble(
 
     Returns:
         The step's batch: views (2B, C, S, S), every first view before every second one, as
-        the training step concatenates them, float32 (or uint8 with ``todo == "color"``); the
-        reads and bad reads of its chunks.
+        the training step concatenates them, float32 (or uint8 with ``todo == "color"``,
+        without the rows of JPEGs the device decodes: ``Batch.encoded``); the reads and bad
+        reads of its chunks.
     """
     indices = torch.cat([c.indices for c in chunks])
     keys = torch.cat([c.keys for c in chunks])
@@ -233,6 +288,15 @@ def assemble(
     )
     reads = sum(c.reads for c in chunks)
     bad = [entry for c in chunks for entry in c.bad]
+    offsets = np.cumsum([0] + [c.keys.shape[0] for c in chunks])
+    encoded = [
+        (int(offset) + position, data, draws, int(chunk.indices[position]),
+         int(chunk.epochs[position]))
+        for offset, chunk in zip(offsets, chunks)
+        for position, data, draws in chunk.encoded
+    ]  # fmt: skip
     if not color:
-        return Batch(indices, views, reads, bad, todo="color", params=params)
+        return Batch(indices, views, reads, bad, todo="color", params=params, encoded=encoded)
+    if encoded:
+        raise ValueError("encoded JPEGs need the device half (color=False)")
     return Batch(indices, augment.color(views, params), reads, bad)

@@ -27,6 +27,8 @@ stays exact.
 from __future__ import annotations
 
 import io
+import warnings
+from typing import Any
 
 import torch
 from PIL import Image
@@ -67,16 +69,21 @@ def decode(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tens
 
     if not encoded:
         return []
-    try:
-        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        decoded: list[torch.Tensor | None] = []
-        for data in encoded:
-            try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                decoded.append(None)
-        return decoded
+    # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they are used while
+    # they exist (available() says so, and the loader decodes, once they are gone).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of "
+                                "TorchVision are deprecated", category=DeprecationWarning)
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            decoded: list[torch.Tensor | None] = []
+            for data in encoded:
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
 
 
 def pad_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
@@ -110,3 +117,47 @@ def available(device: torch.device) -> str | None:
     if not decode_probe or decode_probe[0] is None:
         return "torchvision could not decode a test JPEG there"
     return None
+
+
+def fill_decoded(
+    batch: Any, loader_pixels: torch.Tensor, augment: Any, device: torch.device
+) -> tuple[Any, torch.Tensor]:
+    """The batch's (2B, C, S, S) uint8 crops on ``device``: the loader's rows from
+    ``loader_pixels`` (2L, C, S, S), the encoded JPEGs decoded and cropped here; a JPEG that
+    fails is recovered by the loader's path (``batch.recover``).
+
+    Returns:
+        The batch, its indices, colour draws and read counts updated for any recovered
+        position (a replacement image has draws of its own), and the crops.
+    """
+    rows, datas, draws, indices, epochs = zip(*batch.encoded)
+    size = len(batch.indices)
+    pixels = torch.empty(2 * size, *loader_pixels.shape[1:], dtype=torch.uint8, device=device)
+    decoded_rows = set(rows)
+    loader_rows = [row for row in range(size) if row not in decoded_rows]
+    if loader_rows:
+        target = torch.tensor(loader_rows + [size + row for row in loader_rows], device=device)
+        pixels.index_copy_(0, target, loader_pixels)
+    images = decode(list(datas), device)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if good:
+        padded = pad_to_batch([images[i] for i in good])
+        for view in (0, 1):
+            params = {key: torch.stack([draws[i][key][view] for i in good]) for key in draws[0]}
+            target = torch.tensor([view * size + rows[i] for i in good], device=device)
+            pixels.index_copy_(0, target, augment.crop_uint8(padded, params))
+    failed = [i for i in range(len(images)) if images[i] is None]
+    if not failed:
+        return batch, pixels
+    batch_indices, params = batch.indices.clone(), {k: v.clone() for k, v in batch.params.items()}
+    reads, bad = batch.reads, list(batch.bad)
+    for i in failed:
+        row = rows[i]
+        used, pair, colour, extra_reads, extra_bad = batch.recover(row, indices[i], epochs[i])
+        pixels[row] = pair[0].to(device)
+        pixels[size + row] = pair[1].to(device)
+        batch_indices[row] = used
+        for key, value in colour.items():
+            params[key][row], params[key][size + row] = value[0], value[1]
+        reads, bad = reads + extra_reads, bad + list(extra_bad)
+    return batch._replace(indices=batch_indices, params=params, reads=reads, bad=bad), pixels

@@ -29,7 +29,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -54,6 +54,11 @@ class Batch(NamedTuple):
             are the (B, C, H, W) uint8 images and the whole transform remains (in memory).
         params: with ``todo``, the augmentation draws of the 2B views (first views, then
             second views), small CPU tensors.
+        encoded: JPEGs the device decodes first (``jpegdevice.py``): (row, bytes, both views'
+            draws at full size, dataset index, epoch); ``views`` then holds only the other
+            rows' crops (first views, then second views, in row order).
+        recover: ``recover(row, index, epoch)``, the loader's path for an encoded JPEG the
+            device could not decode (``FileChunks.recover``).
     """
 
     indices: torch.Tensor
@@ -62,6 +67,8 @@ class Batch(NamedTuple):
     bad: Sequence[tuple[int, str]] = ()
     todo: str = ""
     params: dict[str, torch.Tensor] | None = None
+    encoded: Sequence[tuple] = ()
+    recover: Callable[..., tuple] | None = None
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from simclrkit import config as config_lib
-from simclrkit import distributed, jsonout, runfolder
+from simclrkit import distributed, jpegdevice, jsonout, runfolder
 from simclrkit.augment import SimCLRAugment, build_augment
 from simclrkit.badfiles import BadFileLedger
 from simclrkit.budget import check_training_memory
@@ -86,6 +86,7 @@ _RESUME_MAY_CHANGE = {
     "data.num_workers",
     "data.prefetch",
     "data.augment_on",  # where the same views are rendered (float rounding apart)
+    "data.decode_on",
     "data.max_bad_fraction",
     "data.index",
     "data.check_files",
@@ -323,16 +324,35 @@ def _step_source(
     plan: Plan,
     info: distributed.DistInfo,
     device: torch.device,
+    quiet: bool,
 ) -> StepBatches | FileChunks:
     """The step-indexed dataset behind the batch stream: whole steps for images in memory,
     uint8 chunks of steps for files (``filebatches.py``); what the device finishes is
     ``data.augment_on``'s choice (``devicefeed.py``)."""
-    kind = FileChunks if isinstance(train_data, ImageFiles) else StepBatches
-    return kind(
-        train_data, augment, seed=config.seed, global_batch_size=plan.global_batch_size,
-        images_per_epoch=plan.images_per_epoch, rank=info.rank, world_size=info.world_size,
-        finish_on_device=finish_on_device(config.data.augment_on, device),
-    )
+    finish = finish_on_device(config.data.augment_on, device)
+    common = dict(seed=config.seed, global_batch_size=plan.global_batch_size,
+                  images_per_epoch=plan.images_per_epoch, rank=info.rank,
+                  world_size=info.world_size, finish_on_device=finish)  # fmt: skip
+    if isinstance(train_data, ImageArray):
+        return StepBatches(train_data, augment, **common)
+    return FileChunks(train_data, augment, **common,
+                      decode_on_device=_decode_on_device(config, device, finish, quiet))  # fmt: skip
+
+
+def _decode_on_device(config: Config, device: torch.device, finish: bool, quiet: bool) -> bool:
+    """``data.decode_on=device`` where the device can: else one line, and the loader decodes."""
+    if config.data.decode_on != "device":
+        return False
+    if not finish:
+        raise ConfigError(
+            "data.decode_on=device: the device decodes and crops the JPEGs, so it must also "
+            "finish the views; set data.augment_on=device (or auto on a GPU)"
+        )
+    reason = jpegdevice.available(device)
+    if reason is not None and not quiet:
+        print(f"simclrkit: data.decode_on=device: {device} cannot decode JPEGs ({reason}); "
+              "the loader workers decode them", file=sys.stderr)  # fmt: skip
+    return reason is None
 
 
 # --------------------------------------------------------------------------------------
@@ -510,7 +530,7 @@ def _pretrain(
         hidden_norm=config.loss.hidden_norm, reduction=config.loss.reduction,
     )
     augment = build_augment(config, plan.image_size, plan.blur)
-    batches = _step_source(train_data, augment, config, plan, info, device)
+    batches = _step_source(train_data, augment, config, plan, info, device, quiet)
     ledger = BadFileLedger(
         config.data.max_bad_fraction, len(train_data),
         train_data.path if isinstance(train_data, ImageFiles) else str,
