@@ -104,6 +104,18 @@ def test_files_the_device_cannot_take_stay_on_the_loader_and_bad_ones_are_replac
     assert torch.equal(device_views, loader_views)
 
 
+def test_large_photos_stay_on_the_loader(tmp_path):
+    def jpeg(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    assert jpegdevice.device_decodable(jpeg(1000, 1000), 10**8) == (1000, 1000)
+    assert jpegdevice.device_decodable(jpeg(1001, 1000), 10**8) is None  # over 1 MP
+    assert jpegdevice.device_decodable(jpeg(1025, 16), 10**8) is None  # a side over 1024
+    assert jpegdevice.device_decodable(jpeg(100, 100), 9_999) is None  # the bomb limit
+
+
 def test_padding_repeats_the_last_row_and_column():
     image = torch.arange(6, dtype=torch.uint8).view(1, 2, 3)
     padded = jpegdevice.pad_to_batch([image, torch.zeros(1, 3, 4, dtype=torch.uint8)])

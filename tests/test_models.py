@@ -562,9 +562,9 @@ def test_zero_init_blocks_gradient_to_residual_convs_but_not_to_last_gamma():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [20, 0, 200, True])
+@pytest.mark.parametrize("depth", [20, 0, 250, True])
 def test_unknown_depth_is_rejected_with_the_allowed_values(depth):
-    with pytest.raises(ValueError, match=r"18, 34, 50, 101, 152"):
+    with pytest.raises(ValueError, match=r"18, 34, 50, 101, 152, 200"):
         ResNetEncoder(depth)
 
 
@@ -592,7 +592,7 @@ def test_build_encoder_maps_names_to_depths(name, depth):
     encoder = build_encoder(name, width=0.25, image_size=32)
     assert encoder.depth == depth
     assert tuple(len(stage) for stage in _stages(encoder)) == _BLOCKS_PER_STAGE[depth]
-    assert ENCODER_NAMES == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    assert ENCODER_NAMES == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
 
 
 def test_bad_projection_head_arguments_are_rejected():

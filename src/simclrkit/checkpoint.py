@@ -206,6 +206,8 @@ ARCHITECTURE_KEYS = (
     "encoder", "width", "in_channels", "cifar_stem", "image_size", "head", "head_layers",
     "proj_dim",
 )
+# Keys added later, with what an architecture stored before them built (plain ResNets).
+OPTIONAL_ARCHITECTURE_KEYS = {"sk_ratio": 0.0, "se_ratio": 0.0}
 _DAMAGED = "the file is damaged or was not written by simclrkit"
 
 
@@ -292,6 +294,13 @@ def validate_architecture(architecture: Any, source: str) -> dict[str, Any]:
         raise wrong("head_layers", f"an integer from 1 to {MAX_HEAD_LAYERS}")
     if not _is_int(arch["proj_dim"]) or not 1 <= arch["proj_dim"] <= MAX_PROJ_DIM:
         raise wrong("proj_dim", f"an integer from 1 to {MAX_PROJ_DIM}")
+    for key, default in OPTIONAL_ARCHITECTURE_KEYS.items():
+        value = architecture.get(key, default)
+        if not is_finite_number(value) or not 0 <= value <= 1:
+            raise wrong(key, "a number from 0 to 1")
+        if value and arch["encoder"] in ("resnet18", "resnet34"):
+            raise wrong(key, "0 for resnet18 and resnet34 (SimCLRv2's blocks are bottlenecks)")
+        arch[key] = value
     return arch
 
 

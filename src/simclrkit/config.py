@@ -60,7 +60,7 @@ DATASETS = (
 FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")
 # Labelled in memory, pretraining on exactly the train split: data.holdout can split it.
 HOLDOUT_DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
-ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
 
 # Upper bounds against typos (see the module docstring). Each message names its constant: a
 # real need for more is a one-line change here.
@@ -190,9 +190,20 @@ class ModelConfig:
     head: Literal["nonlinear", "linear", "none"] = "nonlinear"
     head_layers: int = 2  # 2 = SimCLRv1, 3 = SimCLRv2
     proj_dim: int = 128
+    # SimCLRv2 §2: selective kernels (with ResNet-D's stem and shortcuts; the released models
+    # use 0.0625) and squeeze-excitation, in bottleneck ResNets (50+); 0 turns each off
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("model.encoder", self.encoder, ENCODERS)
+        for key in ("sk_ratio", "se_ratio"):
+            _fraction(f"model.{key}", getattr(self, key))
+            if getattr(self, key) and self.encoder in ("resnet18", "resnet34"):
+                raise ConfigError(
+                    f"model.{key}: SimCLRv2's blocks are bottlenecks; use resnet50, resnet101, "
+                    f"resnet152 or resnet200 with it, or model.{key}=0"
+                )
         _positive("model.width", self.width)
         _at_most("model.width", self.width, MAX_WIDTH, "MAX_WIDTH")
         _positive("model.head_layers", self.head_layers)

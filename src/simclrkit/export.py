@@ -717,6 +717,11 @@ def _torchvision_blockers(arch: dict[str, Any]) -> list[str]:
         )
     if arch["in_channels"] != 3:
         reasons.append(f"{arch['in_channels']} input channel(s) (torchvision's conv1 takes 3)")
+    if arch.get("sk_ratio", 0) or arch.get("se_ratio", 0):
+        reasons.append("SimCLRv2's selective kernels or squeeze-excitation (torchvision's "
+                       "ResNets have neither)")
+    if arch["encoder"] == "resnet200":
+        reasons.append("depth 200 (torchvision stops at resnet152)")
     return reasons
 
 

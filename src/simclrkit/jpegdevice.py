@@ -11,8 +11,9 @@ the clamped taps of a lone image do), and crops and resizes both views of every 
 batched calls. The colour half follows as for any file batch (``devicefeed.py``).
 
 What stays on the loader: files that are not plain JPEGs (PNG, CMYK, a rotated EXIF
-orientation), JPEGs over :data:`MAX_DEVICE_PIXELS` (padding a batch to a 12 MP photo would
-take gigabytes; the loader's reduced-scale decode is cheap for those), and files whose header
+orientation), JPEGs over :data:`MAX_DEVICE_PIXELS` or :data:`MAX_DEVICE_SIDE` (padding a
+batch to a 12 MP photo would take gigabytes; the loader's reduced-scale decode is cheap for
+those), and files whose header
 or end marker is broken: Pillow then decodes them and the usual replacement of bad files
 applies. A JPEG that passes the header check but fails to decode on the device is handed back
 to the loader's code for its batch position (``Batch.recover``), which finds it bad and
@@ -33,14 +34,19 @@ from typing import Any
 import torch
 from PIL import Image
 
-MAX_DEVICE_PIXELS = 2_000_000  # ImageNet's mean is ~0.16 MP; larger files decode on the loader
+# Larger files decode on the loader. The step's decoded JPEGs are padded to the largest height
+# and width among them, B x 3 x 1024 x 1024 bytes at worst (1.6 GB at B = 512 per GPU);
+# ImageNet's images average ~400 x 350 (0.14 MP), so a typical step pads to ~500 x 500.
+MAX_DEVICE_PIXELS = 1_000_000
+MAX_DEVICE_SIDE = 1024
 
 
 def device_decodable(data: bytes, max_image_pixels: int) -> tuple[int, int] | None:
     """(height, width) of a JPEG the device can decode as Pillow would, else None.
 
     Reads the header only. None for anything else: not a JPEG, CMYK or other modes, an EXIF
-    orientation other than 1, more than :data:`MAX_DEVICE_PIXELS` or ``max_image_pixels``,
+    orientation other than 1, more than :data:`MAX_DEVICE_PIXELS` or ``max_image_pixels``, a
+    side over :data:`MAX_DEVICE_SIDE`,
     no end-of-image marker (truncated), or a header Pillow cannot parse.
     """
     if len(data) < 4 or data[:2] != b"\xff\xd8" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
@@ -55,6 +61,8 @@ def device_decodable(data: bytes, max_image_pixels: int) -> tuple[int, int] | No
     except Exception:  # a header Pillow cannot parse: the loader's decode reports why
         return None
     if width * height > min(MAX_DEVICE_PIXELS, max_image_pixels):
+        return None
+    if max(width, height) > MAX_DEVICE_SIDE:
         return None
     return height, width
 

@@ -22,6 +22,14 @@ compatibility (none is thought to matter for accuracy):
   shortcut even though its shape does not change; torchvision (and this module) uses the
   identity shortcut there.
 
+SimCLRv2's encoders (``sk_ratio`` / ``se_ratio`` > 0, SimCLRv2 §2) are built exactly as the
+reference's ``resnet.py`` builds them when its flags are set: :class:`SelectiveKernel` in place
+of each bottleneck's 3x3 convolution, ResNet-D's stem of three 3x3 convolutions and its
+average-pool shortcuts (:class:`_AvgDown`), and :class:`SqueezeExcitation` after each block's
+last BatchNorm; their parameter counts match the reference README's table of released models.
+These blocks have their own names (``layerK.i.conv2.fc1``, ``.se.reduce``, ...): torchvision
+has no such ResNets.
+
 Nothing here moves tensors to a device or asks for a process rank (STYLE: boundaries).
 """
 
@@ -39,7 +47,10 @@ __all__ = [
     "BatchNorm1dNoBeta",
     "ProjectionHead",
     "ResNetEncoder",
+    "SKBottleneck",
+    "SelectiveKernel",
     "SimCLR",
+    "SqueezeExcitation",
     "build_encoder",
     "stem_for_image_size",
 ]
@@ -51,6 +62,7 @@ _RESNET_SPECS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
+    200: (Bottleneck, (3, 24, 36, 3)),
 }
 ENCODER_NAMES: tuple[str, ...] = tuple(f"resnet{depth}" for depth in _RESNET_SPECS)
 
@@ -87,6 +99,108 @@ def stem_for_image_size(image_size: int) -> bool:
     return image_size <= _CIFAR_STEM_MAX_IMAGE_SIZE
 
 
+class SelectiveKernel(nn.Module):
+    """Selective-kernel convolution (Li et al. 2019), as the reference's ``SK_Conv2D``.
+
+    One 3x3 convolution makes two streams of ``planes`` channels; a gate computed from their
+    sum (global average pool, 1x1 to ``max(int(planes * sk_ratio), 32)`` channels, BN, ReLU,
+    1x1 back to two sets of ``planes``, softmax across the streams) mixes them per channel.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, sk_ratio: float,
+                 min_dim: int = 32) -> None:  # fmt: skip
+        super().__init__()
+        self.conv = nn.Conv2d(in_planes, 2 * planes, 3, stride=stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(2 * planes)
+        mid = max(int(planes * sk_ratio), min_dim)
+        self.fc1 = nn.Conv2d(planes, mid, 1, bias=False)
+        self.bn_fc = nn.BatchNorm2d(mid)
+        self.fc2 = nn.Conv2d(mid, 2 * planes, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.bn(self.conv(x))).chunk(2, dim=1)
+        pooled = (a + b).mean(dim=(2, 3), keepdim=True)
+        mix = self.fc2(torch.relu(self.bn_fc(self.fc1(pooled))))
+        weights = torch.stack(mix.chunk(2, dim=1)).softmax(dim=0)
+        return a * weights[0] + b * weights[1]
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018), as the reference's ``SE_Layer``: the reduced
+    width is ``max(1, int(planes * se_ratio))`` of the block's inner width, with biases."""
+
+    def __init__(self, channels: int, planes: int, se_ratio: float) -> None:
+        super().__init__()
+        reduced = max(1, int(planes * se_ratio))
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.expand(torch.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True))))
+        return x * torch.sigmoid(scale)
+
+
+class _AvgDown(nn.Module):
+    """ResNet-D's shortcut pooling (He et al. 2019), as the reference builds it: a 2x2 average
+    pool after padding the bottom and right by one; at stride 2 the padding is zeros and
+    counts (TF ``VALID`` after ``FixedPadding``), at stride 1 it is TF ``SAME``, whose average
+    leaves the padding out, which repeating the edge reproduces exactly."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = "constant" if self.stride > 1 else "replicate"
+        padded = nn.functional.pad(x, (0, 1, 0, 1), mode=mode)
+        return nn.functional.avg_pool2d(padded, 2, stride=self.stride)
+
+
+class SKBottleneck(nn.Module):
+    """The SimCLRv2 bottleneck (reference ``BottleneckBlock`` with ``sk_ratio``/``se_ratio``):
+    1x1, BN, ReLU; a selective kernel (or a 3x3 and BN, ReLU) at the block's stride; 1x1,
+    BN (gamma zero-initialised); squeeze-excitation; plus the shortcut (ResNet-D's average
+    pool and 1x1 when selective kernels are on, else a strided 1x1), then ReLU."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int, projection: bool,
+                 sk_ratio: float, se_ratio: float) -> None:  # fmt: skip
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        if sk_ratio > 0:
+            self.conv2: nn.Module = SelectiveKernel(planes, planes, stride, sk_ratio)
+        else:
+            self.conv2 = nn.Sequential(
+                nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            )
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.se = SqueezeExcitation(out_planes, planes, se_ratio) if se_ratio > 0 else None
+        self.downsample: nn.Module | None = None
+        if projection and sk_ratio > 0:
+            self.downsample = nn.Sequential(
+                _AvgDown(stride), nn.Conv2d(in_planes, out_planes, 1, bias=False),
+                nn.BatchNorm2d(out_planes),
+            )
+        elif projection:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(self.conv2(out)))
+        if self.se is not None:
+            out = self.se(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + shortcut)
+
+
 class ResNetEncoder(nn.Module):
     """ResNet encoder f: image -> h after global average pooling (paper §2.1, §2.3).
 
@@ -115,6 +229,8 @@ class ResNetEncoder(nn.Module):
         in_channels: int = 3,
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
+        sk_ratio: float = 0.0,
+        se_ratio: float = 0.0,
     ) -> None:
         """Builds the encoder.
 
@@ -127,6 +243,11 @@ class ResNetEncoder(nn.Module):
             zero_init_residual: initialise the last BatchNorm gamma of each residual block to
                 zero, so each block starts as the identity on its shortcut path (reference
                 ``init_zero=True``; Goyal et al., 2017).
+            sk_ratio: > 0 builds SimCLRv2's selective-kernel ResNet (SimCLRv2 §2; the
+                released models use 0.0625): :class:`SelectiveKernel` in every bottleneck,
+                ResNet-D's three-convolution stem (unless ``cifar_stem``) and average-pool
+                shortcuts. Bottleneck depths (50+) only.
+            se_ratio: > 0 adds :class:`SqueezeExcitation` to every bottleneck.
 
         Raises:
             ValueError: on an unknown depth, a non-positive or non-finite width, or a
@@ -145,17 +266,40 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
 
         block, blocks_per_stage = _RESNET_SPECS[depth]
+        for name, ratio in (("sk_ratio", sk_ratio), ("se_ratio", se_ratio)):
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
+                math.isfinite(ratio) and 0 <= ratio <= 1
+            ):
+                raise ValueError(f"{name} must be a number in [0, 1], got {ratio!r}")
+        v2_blocks = sk_ratio > 0 or se_ratio > 0
+        if v2_blocks and block is not Bottleneck:
+            raise ValueError(
+                f"sk_ratio and se_ratio apply to bottleneck ResNets (50, 101, 152, 200), not "
+                f"resnet{depth}"
+            )
         self.depth = depth
         self.width = float(width)
         self.cifar_stem = bool(cifar_stem)
+        self.sk_ratio, self.se_ratio = float(sk_ratio), float(se_ratio)
 
         stem_channels = _scaled_channels(64, width)
-        if cifar_stem:
+        if sk_ratio > 0 and not cifar_stem:
+            # ResNet-D's stem (reference resnet.py): three 3x3 convolutions, the first strided.
+            half = _scaled_channels(32, width)
+            self.conv1: nn.Module = nn.Sequential(
+                nn.Conv2d(in_channels, half, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, stem_channels, 3, stride=1, padding=1, bias=False),
+            )
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        elif cifar_stem:
             self.conv1 = nn.Conv2d(
                 in_channels, stem_channels, kernel_size=3, stride=1, padding=1, bias=False
             )
             # No pooling: a 32 px image enters layer1 at full resolution (paper App. B.9).
-            self.maxpool: nn.Module = nn.Identity()
+            self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(
                 in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False
@@ -165,10 +309,11 @@ class ResNetEncoder(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
         self._in_planes = stem_channels
-        self.layer1 = self._make_stage(block, _scaled_channels(64, width), blocks_per_stage[0], 1)
-        self.layer2 = self._make_stage(block, _scaled_channels(128, width), blocks_per_stage[1], 2)
-        self.layer3 = self._make_stage(block, _scaled_channels(256, width), blocks_per_stage[2], 2)
-        self.layer4 = self._make_stage(block, _scaled_channels(512, width), blocks_per_stage[3], 2)
+        make = self._make_v2_stage if v2_blocks else self._make_stage
+        self.layer1 = make(block, _scaled_channels(64, width), blocks_per_stage[0], 1)
+        self.layer2 = make(block, _scaled_channels(128, width), blocks_per_stage[1], 2)
+        self.layer3 = make(block, _scaled_channels(256, width), blocks_per_stage[2], 2)
+        self.layer4 = make(block, _scaled_channels(512, width), blocks_per_stage[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim: int = self._in_planes
         del self._in_planes
@@ -192,12 +337,28 @@ class ResNetEncoder(nn.Module):
         blocks.extend(block(self._in_planes, planes) for _ in range(1, num_blocks))
         return nn.Sequential(*blocks)
 
+    def _make_v2_stage(
+        self, block: type[nn.Module], planes: int, num_blocks: int, stride: int
+    ) -> nn.Sequential:
+        """One stage of :class:`SKBottleneck` blocks; the first projects its shortcut (as
+        every first block of the reference's block groups)."""
+        blocks = []
+        for number in range(num_blocks):
+            blocks.append(SKBottleneck(
+                self._in_planes, planes, stride if number == 0 else 1, number == 0,
+                self.sk_ratio, self.se_ratio,
+            ))  # fmt: skip
+            self._in_planes = planes * SKBottleneck.expansion
+        return nn.Sequential(*blocks)
+
     def _init_weights(self, zero_init_residual: bool) -> None:
         # torchvision's initialisation, so a fresh encoder matches a fresh torchvision ResNet
         # in distribution (see the module docstring for the reference's choice).
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:  # squeeze-excitation's (Keras starts them at 0)
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -206,7 +367,7 @@ class ResNetEncoder(nn.Module):
             # (its beta is 0 too), so every block starts as relu(shortcut(x)) (reference
             # BatchNormRelu(init_zero=True), SPEC §3).
             for module in self.modules():
-                if isinstance(module, Bottleneck):
+                if isinstance(module, (Bottleneck, SKBottleneck)):
                     nn.init.zeros_(module.bn3.weight)
                 elif isinstance(module, BasicBlock):
                     nn.init.zeros_(module.bn2.weight)
@@ -238,6 +399,8 @@ def build_encoder(
     cifar_stem: bool | None = None,
     *,
     zero_init_residual: bool = True,
+    sk_ratio: float = 0.0,
+    se_ratio: float = 0.0,
 ) -> ResNetEncoder:
     """Builds a :class:`ResNetEncoder` from its name.
 
@@ -251,6 +414,8 @@ def build_encoder(
         cifar_stem: force the CIFAR stem on (True) or off (False); None chooses it from
             ``image_size`` with :func:`stem_for_image_size`.
         zero_init_residual: zero-initialise the last BN gamma of each block.
+        sk_ratio, se_ratio: SimCLRv2's selective kernels and squeeze-excitation
+            (:class:`ResNetEncoder`).
 
     Returns:
         The encoder; its ``feature_dim`` is the size of h.
@@ -267,6 +432,8 @@ def build_encoder(
         in_channels=in_channels,
         cifar_stem=use_cifar_stem,
         zero_init_residual=zero_init_residual,
+        sk_ratio=sk_ratio,
+        se_ratio=se_ratio,
     )
 
 
@@ -450,6 +617,9 @@ def build_model(arch: dict[str, Any]) -> SimCLR:
         in_channels=arch["in_channels"],
         image_size=arch["image_size"],
         cifar_stem=arch["cifar_stem"],
+        # absent from architectures stored before SimCLRv2's blocks existed: plain ResNets
+        sk_ratio=arch.get("sk_ratio", 0.0),
+        se_ratio=arch.get("se_ratio", 0.0),
     )
     head = ProjectionHead(
         encoder.feature_dim,

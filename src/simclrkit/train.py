@@ -173,6 +173,8 @@ def architecture(config: Config, plan: Plan) -> dict[str, Any]:
         "head": config.model.head,
         "head_layers": config.model.head_layers,
         "proj_dim": config.model.proj_dim,
+        "sk_ratio": config.model.sk_ratio,
+        "se_ratio": config.model.se_ratio,
     }
 
 

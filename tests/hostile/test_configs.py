@@ -46,6 +46,8 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "model.width": (0, C.MAX_WIDTH, True, False),
     "model.head_layers": (1, C.MAX_HEAD_LAYERS, False, False),
     "model.proj_dim": (1, C.MAX_PROJ_DIM, False, False),
+    "model.sk_ratio": (0, 1, False, False),
+    "model.se_ratio": (0, 1, False, False),
     "loss.temperature": (0, _INF, True, True),
     "loss.chunk_size": (1, C.MAX_INT, False, False),
     "optim.lr": (0, C.MAX_LR, True, False),
