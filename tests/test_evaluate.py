@@ -497,3 +497,56 @@ def test_evaluation_keeps_the_runs_tolerance_for_bad_files(tmp_path):
     with pytest.warns(BadImageWarning), pytest.raises(ConfigError, match="data.max_bad_fraction"):
         evaluate_checkpoint(checkpoint, protocols=["linear"], quiet=True,
                             overrides={**settings, "data.max_bad_fraction": 0.01})
+
+
+def test_v2_fine_tuning_is_lars_with_square_root_scaling_and_a_free_classifier(
+    encoder, digits, monkeypatch
+):
+    built = {}
+    real = finetune_lib.build_optimizer
+
+    def spy(name, groups, **kwargs):
+        built.update(name=name, groups=groups, **kwargs)
+        return real(name, groups, **kwargs)
+
+    monkeypatch.setattr(finetune_lib, "build_optimizer", spy)
+    head = ProjectionHead(encoder.feature_dim, num_layers=3, hidden_dim=24, out_dim=8)
+    result = finetune_lib.finetune(encoder, digits[0], np.arange(0, 200, 5), digits[1],
+                                   image_size=16, num_classes=10, epochs=1, head=head,
+                                   proj_selector=1, batch_size=16, protocol="v2")  # fmt: skip
+    # the reference README's SimCLRv2 fine-tuning: --optimizer=lars --learning_rate=0.005
+    # --learning_rate_scaling=sqrt --weight_decay=0
+    assert built["name"] == "lars" and built["weight_decay"] == 0.0 and built["momentum"] == 0.9
+    assert result["lr"] == pytest.approx(0.005 * 16**0.5)
+    assert result["finetune_protocol"] == "v2"
+    groups = {group["name"]: group for group in built["groups"]}
+    assert groups["weights"]["lars"] and not groups["norm_and_bias"]["lars"]
+    assert not groups["probe"]["lars"]  # the classifier, as the reference's head_supervised
+    assert len(groups["probe"]["params"]) == 2  # its weight and bias
+    v1 = finetune_lib.finetune(encoder, digits[0], np.arange(0, 200, 5), digits[1],
+                               image_size=16, num_classes=10, epochs=1, batch_size=16)  # fmt: skip
+    assert v1["finetune_protocol"] == "v1" and v1["lr"] == pytest.approx(0.05 * 16 / 256)
+    with pytest.raises(ConfigError, match="finetune_protocol"):
+        finetune_lib.finetune(encoder, digits[0], np.arange(10), digits[1], image_size=16,
+                              num_classes=10, epochs=1, protocol="v3")  # fmt: skip
+
+
+def test_auto_picks_the_v2_protocol_for_a_three_layer_head(tmp_path, run_dir):
+    from simclrkit.train import pretrain
+
+    config = load_config("mnist5k", ["model.width=0.125", "data.image_size=16",
+                                     "model.head_layers=3", "eval.ft_proj_selector=1",
+                                     "train.max_steps=2", "eval.linear=false",
+                                     "eval.monitor_every=0"])  # fmt: skip
+    pretrain(config, tmp_path / "v2", quiet=True)
+    settings = {"finetune_epochs": 1, "tsne_points": 0, "random_init_baseline": False}
+    for run, expected in ((tmp_path / "v2", "v2"), (run_dir, "v1")):
+        (result,) = evaluate_checkpoint(run / "checkpoints" / "last.pt", protocols="finetune",
+                                        overrides=settings, out_dir=tmp_path / f"eval-{expected}",
+                                        quiet=True)  # fmt: skip
+        assert result["protocol"] == "finetune" and result["finetune_protocol"] == expected
+    (forced,) = evaluate_checkpoint(tmp_path / "v2" / "checkpoints" / "last.pt",
+                                    protocols="finetune",
+                                    overrides={**settings, "finetune_protocol": "v1"},
+                                    out_dir=tmp_path / "eval-forced", quiet=True)  # fmt: skip
+    assert forced["finetune_protocol"] == "v1"

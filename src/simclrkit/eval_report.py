@@ -69,9 +69,13 @@ class EvalSettings:
         linear_augment: "sgd" on crop + flip views (paper) or on cached features (fast).
         knn_k, knn_temperature: weighted kNN (InstDisc: 200 and 0.1).
         finetune_epochs: None: 60 (<= 1% labels) / 30 epochs as the paper, half on a CPU.
-        finetune_batch_size, finetune_base_lr: fine-tuning (paper: lr 0.05 * B / 256 with
-            B = 4096). B = 64 by default: label subsets of small datasets are small (10% of
-            MNIST-5k is 400 images), and B = 256 would leave two steps per epoch.
+        finetune_protocol: "v1" (Nesterov SGD, lr 0.05 * B / 256; SimCLR App. B.5), "v2"
+            (LARS, lr 0.005 * sqrt(B); SimCLRv2) or "auto": v2 for checkpoints with a
+            nonlinear head of 3 or more layers (SimCLRv2's), v1 otherwise.
+        finetune_batch_size, finetune_base_lr: fine-tuning's batch and base learning rate
+            (None: the protocol's). B = 64 by default: label subsets of small datasets are
+            small (10% of MNIST-5k is 400 images), and B = 256 would leave two steps per
+            epoch.
         ft_proj_selector: projection-head layers kept under the fine-tuning classifier
             (SimCLRv2 uses 1 with a 3-layer head; 0: the classifier sits on h); None: the
             run's own ``eval.ft_proj_selector`` (its recipe's choice).
@@ -91,8 +95,9 @@ class EvalSettings:
     knn_k: int = 200
     knn_temperature: float = 0.1
     finetune_epochs: int | None = None
+    finetune_protocol: Literal["auto", "v1", "v2"] = "auto"
     finetune_batch_size: int = 64
-    finetune_base_lr: float = 0.05
+    finetune_base_lr: float | None = None
     ft_proj_selector: int | None = None
     random_init_baseline: bool = True
     raw_pixels_baseline: bool = True
@@ -105,8 +110,13 @@ class EvalSettings:
             DataConfig(max_bad_fraction=self.max_bad_fraction)  # validates the fraction
         positive = ("batch_size", "linear_epochs", "linear_batch_size", "linear_base_lr",
                     "knn_k", "knn_temperature", "finetune_batch_size", "finetune_base_lr")
+        if self.finetune_protocol not in ("auto", *finetune_lib.FINETUNE_PROTOCOLS):
+            raise ConfigError(
+                f"eval.finetune_protocol: got {self.finetune_protocol!r}; allowed: auto, "
+                + ", ".join(finetune_lib.FINETUNE_PROTOCOLS)
+            )
         for key in positive:
-            if not getattr(self, key) > 0:
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ConfigError(f"eval.{key}: got {getattr(self, key)}; allowed: a number > 0")
         if self.finetune_epochs is not None and self.finetune_epochs < 1:
             raise ConfigError(f"eval.finetune_epochs: got {self.finetune_epochs}; allowed: >= 1")
@@ -310,7 +320,8 @@ def _run_protocol(
             network.encoder, train, subset, test, image_size=image_size,
             num_classes=num_classes, epochs=finetune_epochs, head=network.head,
             proj_selector=settings.ft_proj_selector, batch_size=settings.finetune_batch_size,
-            base_lr=settings.finetune_base_lr, seed=seed, device=device,
+            base_lr=settings.finetune_base_lr, protocol=settings.finetune_protocol, seed=seed,
+            device=device,
             eval_batch_size=settings.batch_size,
         )
 
@@ -413,6 +424,9 @@ def _evaluate_checkpoint(
     if settings.ft_proj_selector is None:  # the recipe's choice (SimCLRv2: layer 1)
         settings = dataclasses.replace(settings, ft_proj_selector=run_config.eval.ft_proj_selector)
     arch = state["architecture"]
+    if settings.finetune_protocol == "auto":  # SimCLRv2's protocol for SimCLRv2's head
+        v2_head = arch["head"] == "nonlinear" and arch["head_layers"] >= 3
+        settings = dataclasses.replace(settings, finetune_protocol="v2" if v2_head else "v1")
     dataset = settings.dataset or run_config.data.dataset
     root = settings.root if settings.root or settings.dataset else run_config.data.root
     max_bad = settings.max_bad_fraction
@@ -534,7 +548,11 @@ def _describe(entry: dict[str, Any]) -> str:
     if entry["protocol"] == "knn":
         return f"kNN (k={entry['k']}, t={entry['temperature']:g})"
     if entry["protocol"] == "finetune":
-        return f"fine-tune ({entry['label_fraction'] * 100:g}% labels, {entry['epochs']} ep)"
+        how = {"v2": "v2, LARS", "v1": "v1, SGD"}.get(entry.get("finetune_protocol"), "")
+        selector = entry.get("proj_selector")
+        where = f", from head layer {selector}" if selector else ""
+        return (f"fine-tune ({entry['label_fraction'] * 100:g}% labels, {entry['epochs']} ep"
+                + (f", {how}" if how else "") + f"{where})")
     return str(entry["protocol"])
 
 

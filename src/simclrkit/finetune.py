@@ -1,7 +1,13 @@
 """Fine-tuning on a class-balanced fraction of the labels (paper App. B.5; SimCLRv2 §2).
 
 The whole network, optionally with the first layers of the projection head, trains with BN in
-train mode under Nesterov SGD (lr 0.05 * B / 256, no weight decay), crop and flip only.
+train mode, no weight decay, crop and flip only, under one of two protocols:
+
+* ``v1`` (SimCLR App. B.5): Nesterov SGD, momentum 0.9, lr 0.05 * B / 256;
+* ``v2`` (SimCLRv2, the reference README's fine-tuning command): LARS (momentum 0.9, trust
+  0.001, BN parameters, biases and the classifier excluded from the trust ratio as its
+  ``head_supervised``), lr 0.005 * sqrt(B), usually from the first projection-head layer.
+
 :func:`class_balanced_subset` draws the labelled subset (the paper's 1% / 10% subsets),
 :func:`finetune` trains a copy of the network on it and scores the test split. The views,
 batching and accuracy helpers are shared with the frozen-feature protocols in ``evaluate.py``;
@@ -29,7 +35,16 @@ from simclrkit.evaluate import (
     eval_views,
     top_k_accuracies,
 )
-from simclrkit.optim import WarmupCosineSchedule
+from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
+
+FINETUNE_PROTOCOLS = ("v1", "v2")
+# base learning rate and its scaling with the batch B, per protocol
+_PROTOCOL_LR = {"v1": (0.05, lambda b: b / 256), "v2": (0.005, math.sqrt)}
+
+
+def protocol_base_lr(protocol: str) -> float:
+    """The protocol's base learning rate (before its scaling with the batch)."""
+    return _PROTOCOL_LR[protocol][0]
 
 # --------------------------------------------------------------------------------------
 # Fine-tuning on a fraction of the labels
@@ -114,7 +129,8 @@ def finetune(
     head: nn.Module | None = None,
     proj_selector: int = 0,
     batch_size: int = 256,
-    base_lr: float = 0.05,
+    base_lr: float | None = None,
+    protocol: str = "v1",
     seed: int = 0,
     device: torch.device | str = "cpu",
     eval_batch_size: int = 512,
@@ -122,9 +138,9 @@ def finetune(
     """Fine-tunes copies of the encoder (and head layers) on ``train[indices]``; scores ``test``.
 
     Paper App. B.5 / SimCLRv2: the whole network in train mode (BN uses and updates batch
-    statistics, as the reference), Nesterov SGD momentum 0.9, lr = ``base_lr`` * B / 256, no
-    weight decay, cosine decay without warmup, crop and flip only; test images use the test
-    transform with the network in eval mode. The caller's modules are not modified.
+    statistics, as the reference), no weight decay, cosine decay without warmup, crop and flip
+    only, under ``protocol`` (module docstring); test images use the test transform with the
+    network in eval mode. The caller's modules are not modified.
 
     Args:
         encoder: the starting encoder (copied).
@@ -136,15 +152,21 @@ def finetune(
         head: the projection head, needed when ``proj_selector > 0``.
         proj_selector: keep head layers [0, selector) under the classifier.
         batch_size: B (clamped to the subset size); each epoch is split in near-equal batches.
-        base_lr: lr before the linear scaling.
+        base_lr: lr before its scaling with B (v1: * B / 256; v2: * sqrt(B)); None: the
+            protocol's (0.05 for v1, 0.005 for v2).
+        protocol: "v1" (Nesterov SGD) or "v2" (LARS).
         seed: the classifier's initialisation, the shuffling and the crops.
         device: where to train.
         eval_batch_size: batch for the test split.
 
     Returns:
         ``top1``, ``top5``, ``epochs``, ``batch_size``, ``lr``, ``steps``, ``num_labelled``,
-        ``proj_selector`` and ``predictions``.
+        ``proj_selector``, ``finetune_protocol`` and ``predictions``.
     """
+    if protocol not in FINETUNE_PROTOCOLS:
+        raise ConfigError(
+            f"finetune_protocol: got {protocol!r}; allowed: {', '.join(FINETUNE_PROTOCOLS)}"
+        )
     layers = [] if head is None else list(getattr(head, "layers", []))
     if not 0 <= proj_selector <= len(layers):
         raise ConfigError(
@@ -157,8 +179,13 @@ def finetune(
     network = FineTuneNetwork(
         copy.deepcopy(encoder), copy.deepcopy(layers[:proj_selector]), num_classes, generator
     ).to(device)
-    lr = base_lr * batch_size / 256
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    default_lr, scaling = _PROTOCOL_LR[protocol]
+    lr = (default_lr if base_lr is None else base_lr) * scaling(batch_size)
+    if protocol == "v2":
+        groups = parameter_groups(network, weight_decay=0.0, extra_excluded=[network.classifier])
+        optimizer = build_optimizer("lars", groups, lr=lr, momentum=0.9, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True)
     schedule = WarmupCosineSchedule(epochs * math.ceil(len(indices) / batch_size), 0, lr)
     network.train()
     step = 0
@@ -186,5 +213,6 @@ def finetune(
         "steps": step,
         "num_labelled": int(len(indices)),
         "proj_selector": proj_selector,
+        "finetune_protocol": protocol,
         "predictions": scores.argmax(dim=1).numpy(),
     }
