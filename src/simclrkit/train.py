@@ -517,13 +517,7 @@ def _pretrain(
         train_seconds = state.get("train_seconds", 0.0)
         last_record = state.get("last_record")
     # The module that runs forward passes; `model` stays the plain one (state dicts, eval).
-    # Compiled over DDP, as PyTorch recommends: its DDPOptimizer splits the graph at the
-    # gradient buckets, so the all-reduces still overlap the backward pass.
-    forward_model = distributed.wrap_ddp(model, device)
-    if config.train.compile:
-        forward_model = torch.compile(forward_model)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # input shapes are fixed for the whole run
+    forward_model = _forward_module(model, device, config.train.compile)
 
     # Negatives from every process (paper §2.2); a single process keeps the plain loss.
     gather = distributed.gather_with_grad if info.world_size > 1 else None
@@ -581,7 +575,7 @@ def _pretrain(
 
     saved_seconds = [train_seconds]  # training time as the newest checkpoint records it
     progress = _Progress(plan.total_steps, start_step, quiet, config.train.log_every)
-    flops_per_image, peak = training_flops_per_image(arch), peak_flops(device, precision)
+    flops = training_flops_per_image(arch), peak_flops(device, precision)  # for MFU
     model.train()
     window_start, window_images = time.perf_counter(), 0
     workers = auto_workers(
@@ -637,11 +631,7 @@ def _pretrain(
                 now = time.perf_counter()
                 train_seconds += now - window_start
                 probe_window = monitor.log_values()  # the probe's loss and accuracy, all ranks
-                timing = breakdown(
-                    seconds=now - window_start, steps=window_images // plan.global_batch_size,
-                    images=window_images // info.world_size, **_feed_window(feed),
-                    flops_per_image=flops_per_image, peak=peak,
-                )
+                timing = _step_time(feed, now - window_start, window_images, plan, *flops)
                 record = {
                     "step": done,
                     "epoch": done / plan.steps_per_epoch,
@@ -822,10 +812,30 @@ def _check_same_model(saved: dict[str, Any], arch: dict[str, Any]) -> None:
         )
 
 
-def _feed_window(feed: DeviceFeed) -> dict[str, float]:
+def _forward_module(model: SimCLR, device: torch.device, compile: bool) -> torch.nn.Module:
+    """The module the steps run: DDP-wrapped under several processes, then compiled if asked,
+    as PyTorch recommends (its DDPOptimizer splits the graph at the gradient buckets, so the
+    all-reduces still overlap the backward pass)."""
+    forward_model = distributed.wrap_ddp(model, device)
+    if compile:
+        forward_model = torch.compile(forward_model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # input shapes are fixed for the whole run
+    return forward_model
+
+
+def _step_time(
+    feed: DeviceFeed, seconds: float, images: int, plan: Plan, flops_per_image: float,
+    peak: float | None,
+) -> dict[str, float]:  # fmt: skip
+    """The log window's step-time breakdown (``throughput.breakdown``) for this process."""
     window = feed.window()
-    return {"data_wait": window["data_wait_s"], "feed": window["feed_s"],
-            "h2d_bytes": window["h2d_bytes"]}  # fmt: skip
+    return breakdown(
+        seconds=seconds, steps=images // plan.global_batch_size,
+        images=images // plan.world_size, data_wait=window["data_wait_s"],
+        feed=window["feed_s"], h2d_bytes=window["h2d_bytes"], flops_per_image=flops_per_image,
+        peak=peak,
+    )
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
