@@ -42,10 +42,6 @@ FINETUNE_PROTOCOLS = ("v1", "v2")
 _PROTOCOL_LR = {"v1": (0.05, lambda b: b / 256), "v2": (0.005, math.sqrt)}
 
 
-def protocol_base_lr(protocol: str) -> float:
-    """The protocol's base learning rate (before its scaling with the batch)."""
-    return _PROTOCOL_LR[protocol][0]
-
 # --------------------------------------------------------------------------------------
 # Fine-tuning on a fraction of the labels
 # --------------------------------------------------------------------------------------

@@ -13,9 +13,8 @@ batched calls. The colour half follows as for any file batch (``devicefeed.py``)
 What stays on the loader: files that are not plain JPEGs (PNG, CMYK, a rotated EXIF
 orientation), JPEGs over :data:`MAX_DEVICE_PIXELS` or :data:`MAX_DEVICE_SIDE` (padding a
 batch to a 12 MP photo would take gigabytes; the loader's reduced-scale decode is cheap for
-those), and files whose header
-or end marker is broken: Pillow then decodes them and the usual replacement of bad files
-applies. A JPEG that passes the header check but fails to decode on the device is handed back
+those), and files whose header or end marker is broken: Pillow then decodes them and the usual
+replacement of bad files applies. A JPEG that passes the header check but fails to decode on the device is handed back
 to the loader's code for its batch position (``Batch.recover``), which finds it bad and
 replaces it exactly as the Pillow path would (same replacement, same counts).
 
@@ -46,8 +45,8 @@ def device_decodable(data: bytes, max_image_pixels: int) -> tuple[int, int] | No
 
     Reads the header only. None for anything else: not a JPEG, CMYK or other modes, an EXIF
     orientation other than 1, more than :data:`MAX_DEVICE_PIXELS` or ``max_image_pixels``, a
-    side over :data:`MAX_DEVICE_SIDE`,
-    no end-of-image marker (truncated), or a header Pillow cannot parse.
+    side over :data:`MAX_DEVICE_SIDE`, no end-of-image marker (truncated), or a header Pillow
+    cannot parse.
     """
     if len(data) < 4 or data[:2] != b"\xff\xd8" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return None
@@ -113,10 +112,8 @@ def pad_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
 
 def available(device: torch.device) -> str | None:
     """None when ``device`` decodes JPEGs; else the reason, for the one-line fallback notice."""
-    from PIL import Image as PILImage
-
     buffer = io.BytesIO()
-    PILImage.new("RGB", (16, 16), (128, 64, 32)).save(buffer, format="JPEG")
+    Image.new("RGB", (16, 16), (128, 64, 32)).save(buffer, format="JPEG")
     data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
     try:
         decode_probe = decode([data], device)
