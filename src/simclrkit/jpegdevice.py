@@ -35,7 +35,7 @@ from PIL import Image
 
 # Larger files decode on the loader. The step's decoded JPEGs are padded to the largest height
 # and width among them, B x 3 x 1024 x 1024 bytes at worst (1.6 GB at B = 512 per GPU);
-# ImageNet's images average ~400 x 350 (0.14 MP), so a typical step pads to ~500 x 500.
+# most of ImageNet's images are at most 500 px a side, so a typical step pads to ~500 x 500.
 MAX_DEVICE_PIXELS = 1_000_000
 MAX_DEVICE_SIDE = 1024
 
