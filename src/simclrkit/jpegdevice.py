@@ -3,8 +3,8 @@
 Pillow's decode is the floor of any CPU pipeline (~1.5 ms per ImageNet-size JPEG on one core,
 BENCHMARKS.md), so at ~1,500 images/s a GPU needs two or three cores for decoding alone. With
 ``decode_on=device`` a loader worker reads the file, checks its header (format, size, EXIF
-orientation, the end-of-image marker: ~0.05 ms) and draws both views' crops from the full
-size, as it does for a Pillow decode; the training device then decodes the step's JPEGs in one
+orientation, the end-of-image marker) and draws both views' crops from the full size, as it
+does for a Pillow decode: 0.15 ms of CPU per image in all (``benchmarks/data.py``); the training device then decodes the step's JPEGs in one
 batched call (``torchvision.io.decode_jpeg``, nvJPEG on CUDA), pads them to a common size by
 repeating their last row and column (so a bicubic tap past an image's edge reads that edge, as
 the clamped taps of a lone image do), and crops and resizes both views of every image in two
