@@ -136,6 +136,10 @@ def test_v2_encoder_layout_and_zero_initialised_blocks():
 
 
 def test_config_and_stored_architectures_carry_the_blocks():
+    from simclrkit import config as config_lib
+    from simclrkit import models
+
+    assert config_lib.BOTTLENECK_ENCODERS == models.BOTTLENECK_ENCODERS  # the two lists agree
     config = load_config("mnist5k", ["model.encoder=resnet50", "model.sk_ratio=0.0625"])
     assert config.model.sk_ratio == 0.0625
     with pytest.raises(ConfigError, match="bottlenecks"):

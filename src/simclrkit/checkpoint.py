@@ -259,7 +259,7 @@ def validate_architecture(architecture: Any, source: str) -> dict[str, Any]:
     Raises:
         CheckpointError: naming ``source`` and the first wrong entry.
     """
-    from simclrkit.models import ENCODER_NAMES
+    from simclrkit.models import BOTTLENECK_ENCODERS, ENCODER_NAMES
 
     def wrong(key: str, allowed: str) -> CheckpointError:
         return CheckpointError(
@@ -298,8 +298,8 @@ def validate_architecture(architecture: Any, source: str) -> dict[str, Any]:
         value = architecture.get(key, default)
         if not is_finite_number(value) or not 0 <= value <= 1:
             raise wrong(key, "a number from 0 to 1")
-        if value and arch["encoder"] in ("resnet18", "resnet34"):
-            raise wrong(key, "0 for resnet18 and resnet34 (SimCLRv2's blocks are bottlenecks)")
+        if value and arch["encoder"] not in BOTTLENECK_ENCODERS:
+            raise wrong(key, f"0 for {arch['encoder']} (SimCLRv2's blocks are bottlenecks)")
         arch[key] = value
     return arch
 

@@ -61,6 +61,7 @@ FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")
 # Labelled in memory, pretraining on exactly the train split: data.holdout can split it.
 HOLDOUT_DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
+BOTTLENECK_ENCODERS = ENCODERS[2:]  # where SimCLRv2's blocks apply (models.py builds them)
 
 # Upper bounds against typos (see the module docstring). Each message names its constant: a
 # real need for more is a one-line change here.
@@ -199,10 +200,10 @@ class ModelConfig:
         _choice("model.encoder", self.encoder, ENCODERS)
         for key in ("sk_ratio", "se_ratio"):
             _fraction(f"model.{key}", getattr(self, key))
-            if getattr(self, key) and self.encoder in ("resnet18", "resnet34"):
+            if getattr(self, key) and self.encoder not in BOTTLENECK_ENCODERS:
                 raise ConfigError(
-                    f"model.{key}: SimCLRv2's blocks are bottlenecks; use resnet50, resnet101, "
-                    f"resnet152 or resnet200 with it, or model.{key}=0"
+                    f"model.{key}: SimCLRv2's blocks are bottlenecks; use "
+                    f"{', '.join(BOTTLENECK_ENCODERS)} with it, or model.{key}=0"
                 )
         _positive("model.width", self.width)
         _at_most("model.width", self.width, MAX_WIDTH, "MAX_WIDTH")

@@ -186,11 +186,7 @@ def all_reduce_any(flag: bool) -> bool:
     skips or stops the step everywhere; a stop signal delivered to one process stops all of
     them at the same step.
     """
-    if _world_size() <= 1:
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return all_reduce_flags(bool(flag))[0]
 
 
 def all_reduce_flags(*flags: Tensor | bool) -> list[bool]:

@@ -220,8 +220,7 @@ class FileChunks(Dataset):
         """
         report = FileChunk(step, *(torch.empty(0),) * 4)
         used, key, pair = self._sample(step, epoch, position, index, report)
-        size = self.augment.output_size
-        params = self.augment.sample_params(self.seed, epoch, [key, key], [0, 1], size, size)
+        params = colour_draws(self.augment, self.seed, torch.tensor([epoch]), torch.tensor([key]))
         return used, pair, params, report.reads - 1, report.bad
 
     def _replacement(self, step: int, global_position: int, attempt: int) -> tuple[int, int]:
@@ -261,6 +260,18 @@ class FileChunks(Dataset):
         return batch
 
 
+def colour_draws(
+    augment: SimCLRAugment, seed: int, epochs: torch.Tensor, keys: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The draws of both views of each (epoch, key), first views then second views, at the
+    output size: what the colour half of the crops uses."""
+    which = np.repeat(np.arange(2), keys.shape[0])
+    size = augment.output_size
+    return augment.sample_params(
+        seed, torch.cat([epochs, epochs]), torch.cat([keys, keys]), which, size, size
+    )
+
+
 def assemble(
     augment: SimCLRAugment, seed: int, chunks: list[FileChunk], color: bool = True
 ) -> Batch:
@@ -280,12 +291,7 @@ def assemble(
     keys = torch.cat([c.keys for c in chunks])
     epochs = torch.cat([c.epochs for c in chunks])
     views = torch.cat([torch.cat([c.views[v] for c in chunks]) for v in (0, 1)])
-    batch = keys.shape[0]
-    which = np.repeat(np.arange(2), batch)
-    size = augment.output_size
-    params = augment.sample_params(
-        seed, torch.cat([epochs, epochs]), torch.cat([keys, keys]), which, size, size
-    )
+    params = colour_draws(augment, seed, epochs, keys)
     reads = sum(c.reads for c in chunks)
     bad = [entry for c in chunks for entry in c.bad]
     offsets = np.cumsum([0] + [c.keys.shape[0] for c in chunks])

@@ -43,6 +43,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 __all__ = [
+    "BOTTLENECK_ENCODERS",
     "ENCODER_NAMES",
     "BatchNorm1dNoBeta",
     "ProjectionHead",
@@ -65,6 +66,10 @@ _RESNET_SPECS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     200: (Bottleneck, (3, 24, 36, 3)),
 }
 ENCODER_NAMES: tuple[str, ...] = tuple(f"resnet{depth}" for depth in _RESNET_SPECS)
+# The encoders SimCLRv2's blocks (sk_ratio, se_ratio) apply to.
+BOTTLENECK_ENCODERS: tuple[str, ...] = tuple(
+    f"resnet{depth}" for depth, (block, _) in _RESNET_SPECS.items() if block is Bottleneck
+)
 
 # Images at most this many pixels on a side get the CIFAR stem (paper App. B.9; the reference
 # switches on ``image_size <= 32``).
@@ -272,7 +277,7 @@ class ResNetEncoder(nn.Module):
             ):
                 raise ValueError(f"{name} must be a number in [0, 1], got {ratio!r}")
         v2_blocks = sk_ratio > 0 or se_ratio > 0
-        if v2_blocks and block is not Bottleneck:
+        if v2_blocks and f"resnet{depth}" not in BOTTLENECK_ENCODERS:
             raise ValueError(
                 f"sk_ratio and se_ratio apply to bottleneck ResNets (50, 101, 152, 200), not "
                 f"resnet{depth}"

@@ -90,7 +90,8 @@ class StepOrder:
     last ``N mod B`` images are dropped (``config.resolve``, ``train.step_counting``).
 
     Cost: the two newest permutations are cached, since a step spans at most two epochs
-    (``config.resolve`` keeps ``B <= N``); ImageNet's 1.28M is 10 MB and ~20 ms to draw, once per epoch per process.
+    (``config.resolve`` keeps ``B <= N``); ImageNet's 1.28M is 10 MB and ~20 ms to draw, once
+    per epoch per process.
     """
 
     def __init__(
@@ -167,9 +168,9 @@ class StepBatches(Dataset):
         epochs, indices = self.order.indices(step)
         images = self.source.images[indices]
         if self.finish_on_device:
-            views = torch.arange(2).repeat_interleave(len(indices))
+            which = torch.arange(2).repeat_interleave(len(indices))  # first views, then second
             params = self.augment.sample_params(
-                self.seed, epochs.repeat(2), indices.repeat(2), views, *images.shape[-2:]
+                self.seed, epochs.repeat(2), indices.repeat(2), which, *images.shape[-2:]
             )
             return Batch(indices, images, todo="views", params=params)
         size, batch = self.augment.output_size, len(indices)
