@@ -15,6 +15,8 @@ from PIL import Image
 
 from simclrkit import evaluate, runeval
 from simclrkit import finetune as finetune_lib
+from simclrkit.checkpoint import CheckpointError
+from simclrkit.classifier import Classifier
 from simclrkit.config import ConfigError, load_config
 from simclrkit.data import BadImageWarning, load_dataset, mnist5k_split
 from simclrkit.eval_report import (
@@ -112,7 +114,7 @@ def test_frozen_protocols_leave_weights_and_bn_buffers_bit_identical(encoder, di
 def test_finetune_network_reads_the_selected_projection_head_layer(encoder, digits):
     torch.manual_seed(1)
     head = ProjectionHead(encoder.feature_dim, num_layers=3, hidden_dim=24, out_dim=8).eval()
-    network = finetune_lib.FineTuneNetwork(encoder, list(head.layers[:1]), 10).eval()
+    network = Classifier(encoder, list(head.layers[:1]), 10).eval()
     assert network.classifier.in_features == 24
     x = torch.rand(4, 1, 16, 16)
     with torch.no_grad():
@@ -343,6 +345,30 @@ def test_report_files_hold_the_results(evaluated, run_dir):
     subset = json.loads((out / evaluated[2]["subset_file"]).read_text())
     train_labels = load_dataset("mnist5k", None, "train", quiet=True).labels.numpy()
     assert subset["indices"] == finetune_lib.class_balanced_subset(train_labels, 0.1, 0).tolist()
+
+
+def test_finetuned_network_is_saved_and_reloads_to_the_reported_accuracy(evaluated, run_dir,
+                                                                        tmp_path):  # fmt: skip
+    from simclrkit.export import export_checkpoint, load_classifier
+
+    finetune = evaluated[2]
+    saved = run_dir / "eval" / finetune["network_file"]
+    assert saved.name == "finetuned_10pct_seed0.pt"
+    test = load_dataset("mnist5k", None, "test", quiet=True)
+
+    def accuracy(network):
+        with torch.no_grad():
+            logits = torch.cat([network(x) for _, x in evaluate._test_batches(test, 16, 500)])
+        return evaluate.top_k_accuracies(logits, test.labels)[0]
+
+    network = load_classifier(saved)
+    assert network.proj_selector == 0 and network.num_classes == 10
+    assert accuracy(network) == finetune["top1"]  # the very network that was scored
+    # The same network through a safetensors export.
+    export_checkpoint(saved, "safetensors", tmp_path / "ft.safetensors")
+    assert accuracy(load_classifier(tmp_path / "ft.safetensors")) == finetune["top1"]
+    with pytest.raises(CheckpointError, match="without a classifier; fine-tune it first"):
+        load_classifier(run_dir / "checkpoints" / "last.pt")
 
 
 def test_sgd_linear_protocol_on_cached_features(run_dir, tmp_path):

@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_encoder"]
+__all__ = ["__version__", "load_classifier", "load_encoder"]
 
 
 def __getattr__(name: str):
     # Lazy: `import simclrkit` stays instant (no torch import) until the loader is used.
-    if name == "load_encoder":
-        from simclrkit.export import load_encoder
+    if name in ("load_encoder", "load_classifier"):
+        from simclrkit import export
 
-        return load_encoder
+        return getattr(export, name)
     raise AttributeError(f"module 'simclrkit' has no attribute {name!r}")

@@ -365,6 +365,63 @@ def check_tensor_shapes(
             )
 
 
+def check_classifier(
+    architecture: dict[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    proj_selector: Any,
+    has_head: bool,
+    source: str,
+) -> int:
+    """Refuses a stored classifier (``classifier.py``) that does not fit the architecture.
+
+    Args:
+        architecture: a dict returned by :func:`validate_architecture`.
+        shapes: the stored ``classifier`` tensors' shapes: ``weight`` (K, D), ``bias`` (K,).
+        proj_selector: the stored ``classifier_input``: how many head layers it reads through.
+        has_head: whether the file holds the projection head (needed when the selector > 0).
+        source: the file, for the message.
+
+    Returns:
+        The number of classes K.
+
+    Raises:
+        CheckpointError: naming the wrong entry.
+    """
+    from simclrkit.classifier import MAX_CLASSES, input_dim
+    from simclrkit.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(architecture)
+    layers = len(model.head.layers)
+    if not _is_int(proj_selector) or not 0 <= proj_selector <= layers:
+        raise CheckpointError(
+            f"{source}: 'classifier_input' is {_shown(proj_selector)}; allowed: 0 to {layers} "
+            f"(the projection-head layers it reads through) ({_DAMAGED})"
+        )
+    if proj_selector and not has_head:
+        raise CheckpointError(
+            f"{source}: the classifier reads projection-head layer {proj_selector}, but the "
+            f"file holds no projection head ({_DAMAGED})"
+        )
+    if set(shapes) != {"weight", "bias"}:
+        raise CheckpointError(
+            f"{source}: 'classifier' holds {_shown(sorted(shapes))}, not weight and bias "
+            f"({_DAMAGED})"
+        )
+    weight, bias = tuple(shapes["weight"]), tuple(shapes["bias"])
+    dim = input_dim(model.encoder.feature_dim, model.head.layers[:proj_selector])
+    if len(weight) != 2 or weight[1] != dim or not 1 <= weight[0] <= MAX_CLASSES:
+        raise CheckpointError(
+            f"{source}: classifier.weight has shape {weight}; the architecture implies "
+            f"(K, {dim}) with 1 <= K <= {MAX_CLASSES:,} ({_DAMAGED})"
+        )
+    if bias != weight[:1]:
+        raise CheckpointError(
+            f"{source}: classifier.bias has shape {bias}, not ({weight[0]},) ({_DAMAGED})"
+        )
+    return weight[0]
+
+
 def _tensor_dict(value: Any, key: str, source: str) -> dict[str, torch.Tensor]:
     """A state dict of real (not meta, not sparse) tensors keyed by strings."""
     if not isinstance(value, Mapping):
@@ -463,9 +520,10 @@ def validate_training_checkpoint(
 
     Checked: ``architecture`` (:func:`validate_architecture`), ``encoder`` and ``head``
     (mappings of tensors whose shapes match it: :func:`check_tensor_shapes`), ``config``
-    (:func:`validate_config`; required with ``need_config``), ``step`` (an integer >= 0)
-    and ``train_seconds`` (a finite number). ``head`` is set to None when absent (required
-    with ``need_head``), ``config`` to ``{}``.
+    (:func:`validate_config`; required with ``need_config``), ``step`` (an integer >= 0),
+    ``train_seconds`` (a finite number) and, where present, ``classifier`` and
+    ``classifier_input`` (:func:`check_classifier`). ``head`` is set to None when absent
+    (required with ``need_head``), ``classifier`` likewise, ``config`` to ``{}``.
 
     Raises:
         CheckpointError: naming ``source`` and the first wrong entry.
@@ -503,9 +561,19 @@ def validate_training_checkpoint(
         },
         source,
     )
+    classifier = state.get("classifier")
+    if classifier is not None:
+        checked["classifier"] = _tensor_dict(classifier, "classifier", source)
+        check_classifier(
+            arch, {k: tuple(v.shape) for k, v in checked["classifier"].items()},
+            state.get("classifier_input"), checked["head"] is not None, source,
+        )
+    else:
+        checked["classifier"] = None
     _check_storage(
         {f"encoder.{k}": v for k, v in checked["encoder"].items()}
-        | {f"head.{k}": v for k, v in (checked["head"] or {}).items()},
+        | {f"head.{k}": v for k, v in (checked["head"] or {}).items()}
+        | {f"classifier.{k}": v for k, v in (checked["classifier"] or {}).items()},
         source,
     )
     return checked

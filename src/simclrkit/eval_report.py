@@ -1,6 +1,6 @@
 """Evaluating a checkpoint: run the protocols of ``evaluate.py``/``finetune.py``, write the report.
 
-:func:`evaluate_checkpoint` loads a training checkpoint, runs the chosen protocols (linear,
+:func:`evaluate_checkpoint` loads a trained network (``export.read_trained``), runs the chosen protocols (linear,
 kNN, fine-tuning; SPEC §7) on the labelled train/test splits of the checkpoint's dataset (or
 another one), and writes into ``RUN_DIR/eval``:
 
@@ -8,7 +8,9 @@ another one), and writes into ``RUN_DIR/eval``:
 * ``eval.md``: the results table (:func:`format_results_table`) and the plots;
 * ``embedding_tsne.png``: a t-SNE map of test-set h coloured by class;
 * ``confusion_matrix.png``: of the linear protocol's test predictions;
-* ``label_subset_<pct>pct_seed<seed>.json``: the images fine-tuning was allowed to see.
+* ``label_subset_<pct>pct_seed<seed>.json``: the images fine-tuning was allowed to see;
+* ``finetuned_<pct>pct_seed<seed>.pt``: the fine-tuned network (``classifier.py``), the
+  teacher ``simclrkit distill`` takes.
 
 Each number comes with context: the same architecture at random initialisation (its BN
 statistics measured on the training split first), and for the frozen-feature protocols raw
@@ -42,11 +44,12 @@ import torch
 from simclrkit import config as config_lib
 from simclrkit import distributed, evaluate
 from simclrkit import finetune as finetune_lib
-from simclrkit.checkpoint import CheckpointError, load_trained_checkpoint
+from simclrkit.checkpoint import FORMAT_VERSION, atomic_save
 from simclrkit.config import Config, ConfigError, DataConfig
 from simclrkit.data import load_dataset
 from simclrkit.devices import select_device
 from simclrkit.evaluate import Source
+from simclrkit.export import build_model_from, read_trained
 from simclrkit.models import SimCLR, build_model
 
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -335,12 +338,37 @@ def _run_protocol(
     outcomes = {name: runner(name) for name in names}
     main = outcomes["pretrained"]
     predictions = main.pop("predictions")
+    network = main.pop("network", None)  # fine-tuning's: the pretrained encoder's, kept
+    for outcome in outcomes.values():
+        outcome.pop("network", None)
     entry: dict[str, Any] = {"protocol": protocol, **_top(main)}
     entry.update({f"baseline_{name}": _top(outcomes[name]) for name in names[1:]})
     if protocol == "linear":
         entry["method"] = settings.linear_protocol
     entry.update({key: value for key, value in main.items() if key not in entry})
-    return entry, predictions
+    return entry, predictions, network
+
+
+def _save_finetuned(path: Path, network: torch.nn.Module, head: torch.nn.Module, trained: Any,
+                    config: dict[str, Any], entry: dict[str, Any], dataset: str) -> None:  # fmt: skip
+    """Writes the fine-tuned network as a checkpoint (``classifier.py``'s layout), atomically:
+    what ``simclrkit distill`` takes as its teacher, and what evaluate, export and
+    :func:`~simclrkit.export.load_classifier` read."""
+    atomic_save(
+        {
+            "format_version": FORMAT_VERSION,
+            "architecture": trained.architecture,
+            **network.cpu().state_parts(head),
+            "config": config,
+            "step": trained.info.get("step"),
+            "finetune": {
+                "dataset": dataset,
+                **{key: entry[key] for key in ("label_fraction", "finetune_protocol", "top1",
+                                               "top5", "num_labelled", "epochs", "lr")},
+            },
+        },
+        path,
+    )
 
 
 def evaluate_checkpoint(
@@ -354,10 +382,13 @@ def evaluate_checkpoint(
     seed: int = 0,
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
-    """Evaluates a training checkpoint and writes the report (see the module docstring).
+    """Evaluates a trained network and writes the report (see the module docstring).
 
     Args:
-        checkpoint_path: a training checkpoint (``RUN_DIR/checkpoints/last.pt``).
+        checkpoint_path: a training checkpoint (``RUN_DIR/checkpoints/last.pt``), a run
+            folder, a fine-tuned or distilled network, a safetensors export or an imported TF
+            model (the last two record no run: name ``data.dataset`` in ``overrides``).
+            Fine-tuning writes its network to ``out_dir/finetuned_<P>pct_seed<S>.pt``.
         protocols: any of "linear", "knn", "finetune", or "all".
         label_fraction: fraction of the training labels fine-tuning may use (class-balanced).
         overrides: :class:`EvalSettings` keys as a mapping, ``KEY=VALUE`` strings, an
@@ -378,8 +409,8 @@ def evaluate_checkpoint(
 
     Raises:
         ConfigError: unlabelled data or no test split, bad settings or protocol names.
-        CheckpointError: the checkpoint is missing or unreadable, or its architecture,
-            config or tensors are damaged (``checkpoint.load_trained_checkpoint``).
+        CheckpointError: the file is missing or unreadable, or its architecture, config or
+            tensors are damaged (``export.read_trained``).
     """
     protocols = _parse_protocols(protocols)
     target = select_device(device)
@@ -417,13 +448,25 @@ def _evaluate_checkpoint(
         finetune_lib.class_balanced_subset([0], label_fraction)  # validates before any work
     checkpoint_path = Path(checkpoint_path)
     # Validated before any data is read: architecture, config and every tensor's shape, so a
-    # damaged or forged checkpoint is one CheckpointError line, never a KeyError or a model
-    # the size of the machine. The head is needed by fine-tuning's projection layers.
-    state = load_trained_checkpoint(checkpoint_path, need_config=True, need_head=True)
-    run_config = config_lib.from_dict(state["config"])
+    # damaged or forged file is one CheckpointError line, never a KeyError or a model the size
+    # of the machine. Training checkpoints, fine-tuned and distilled networks, safetensors
+    # exports and imported TF models are all read here (export.py).
+    trained = read_trained(checkpoint_path)
+    stored_config = trained.info.get("config") or {}
+    if not stored_config and settings.dataset is None:
+        raise ConfigError(
+            f"{checkpoint_path} records no training run (an export or an imported model), so "
+            "name the labelled data to evaluate on: data.dataset=NAME (and data.root=PATH)"
+        )
+    run_config = config_lib.from_dict(stored_config)
     if settings.ft_proj_selector is None:  # the recipe's choice (SimCLRv2: layer 1)
         settings = dataclasses.replace(settings, ft_proj_selector=run_config.eval.ft_proj_selector)
-    arch = state["architecture"]
+    arch = trained.architecture
+    if "finetune" in protocols and trained.head_state is None and settings.ft_proj_selector:
+        raise ConfigError(
+            f"eval.ft_proj_selector={settings.ft_proj_selector}: {checkpoint_path} holds no "
+            "projection head to fine-tune from; use eval.ft_proj_selector=0"
+        )
     if settings.finetune_protocol == "auto":  # SimCLRv2's protocol for SimCLRv2's head
         v2_head = arch["head"] == "nonlinear" and arch["head_layers"] >= 3
         settings = dataclasses.replace(settings, finetune_protocol="v2" if v2_head else "v1")
@@ -450,15 +493,7 @@ def _evaluate_checkpoint(
         if not quiet:
             print(f"simclrkit eval: {message}", file=sys.stderr, flush=True)
 
-    model = build_model(arch)
-    try:
-        model.encoder.load_state_dict(state["encoder"])
-        model.head.load_state_dict(state["head"])
-    except (RuntimeError, TypeError, ValueError) as error:  # shapes matched: a dtype, say
-        raise CheckpointError(
-            f"{checkpoint_path}: the stored weights cannot be loaded into the stored "
-            f"architecture ({str(error).splitlines()[0]})"
-        ) from None
+    model = build_model_from(trained)
     frozen = any(p in ("linear", "knn") for p in protocols) and settings.linear_protocol == "lbfgs"
     subjects = _Subjects(model.to(device).eval(), arch, run_config.seed, train, test,
                          batch_size=settings.batch_size, device=device, max_bad_fraction=max_bad,
@@ -467,7 +502,7 @@ def _evaluate_checkpoint(
     train, test = subjects.train, subjects.test  # without the files that did not decode
     if not info.is_main:
         return []  # features shared; the protocols, plots and files are the main process's
-    log(f"{checkpoint_path} (step {state.get('step')}) on {dataset}: {len(train)} train / "
+    log(f"{checkpoint_path} (step {trained.info.get('step')}) on {dataset}: {len(train)} train / "
         f"{len(test)} test images, {num_classes} classes, {device}")
 
     results: list[dict[str, Any]] = []
@@ -482,13 +517,16 @@ def _evaluate_checkpoint(
                 "dataset": dataset, "split": "train", "label_fraction": label_fraction,
                 "seed": seed, "num_labelled": len(subset), "indices": subset.tolist(),
             }))
-        entry, predictions[protocol] = _run_protocol(
+        entry, predictions[protocol], network = _run_protocol(
             protocol, subjects, settings, num_classes=num_classes, subset=subset, seed=seed,
             finetune_epochs=settings.finetune_epochs
             or finetune_lib.finetune_epochs(label_fraction, device),
         )
         if protocol == "finetune":
             entry.update(label_fraction=label_fraction, subset_file=subset_file.name)
+            saved = out_dir / f"finetuned_{label_fraction * 100:g}pct_seed{seed}.pt"
+            _save_finetuned(saved, network, model.head, trained, stored_config, entry, dataset)
+            entry["network_file"] = saved.name
         entry["seconds"] = time.perf_counter() - started
         results.append(entry)
         log(_summary_line(entry))
@@ -506,7 +544,7 @@ def _evaluate_checkpoint(
         ))
     header = {
         "checkpoint": str(checkpoint_path),
-        "step": state.get("step"),
+        "step": trained.info.get("step"),
         "dataset": dataset,
         "num_train": len(train),
         "num_test": len(test),

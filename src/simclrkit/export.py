@@ -49,6 +49,7 @@ from simclrkit.checkpoint import (
     _DAMAGED,
     CheckpointError,
     _shown,
+    check_classifier,
     check_progress,
     check_tensor_shapes,
     fsync_folder,
@@ -70,6 +71,7 @@ __all__ = [
     "StagedOutputs",
     "check_outputs",
     "export_checkpoint",
+    "load_classifier",
     "load_encoder",
     "model_card_path",
 ]
@@ -253,7 +255,8 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> Trained:
         raise CheckpointError(f"{error}; {_EXPECTED}") from None
     state = validate_training_checkpoint(state, str(path))
     info = _run_info(path, state)
-    return Trained(state["encoder"], state["head"], state["architecture"], info)
+    return Trained(state["encoder"], state["head"], state["architecture"], info,
+                   state["classifier"], state.get("classifier_input", 0))
 
 
 _MAX_NESTING = 32  # far deeper than anything simclrkit writes; a forgery's nesting is refused
@@ -350,18 +353,28 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Trained:
         with safe_open(source, framework="pt", device=str(map_location)) as handle:
             architecture, info = _parse_export_metadata(handle.metadata() or {}, source)
             names = list(handle.keys())
-            stray = [n for n in names if not n.startswith(("encoder.", "head."))]
+            stray = [n for n in names if not n.startswith(("encoder.", "head.", "classifier."))]
             if stray:
                 raise CheckpointError(
-                    f"{source}: tensor {stray[0]} is neither encoder.* nor head.* ({_DAMAGED})"
+                    f"{source}: tensor {stray[0]} is none of encoder.*, head.* and classifier.* "
+                    f"({_DAMAGED})"
                 )
-            shapes: dict[str, dict[str, tuple[int, ...]] | None] = {"encoder": {}, "head": {}}
+            shapes: dict[str, dict[str, tuple[int, ...]] | None] = {
+                "encoder": {}, "head": {}, "classifier": {}
+            }
             for name in names:
                 part, _, key = name.partition(".")
                 shapes[part][key] = tuple(handle.get_slice(name).get_shape())
             if not shapes["head"]:
                 shapes["head"] = None
+            classifier_shapes = shapes.pop("classifier")
             check_tensor_shapes(architecture, shapes, source)
+            classifier_input = 0
+            if classifier_shapes:
+                raw = handle.metadata().get("classifier_input", "0")
+                classifier_input = int(raw) if raw.isdigit() and len(raw) < 3 else raw
+                check_classifier(architecture, classifier_shapes, classifier_input,
+                                 shapes["head"] is not None, source)  # fmt: skip
             tensors = {name: handle.get_tensor(name) for name in names}
     except SafetensorError as error:
         raise CheckpointError(f"cannot read {path} as safetensors ({error}); {_EXPECTED}") from None
@@ -369,10 +382,11 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Trained:
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    return Trained(part("encoder."), part("head.") or None, architecture, info)
+    return Trained(part("encoder."), part("head.") or None, architecture, info,
+                   part("classifier.") or None, classifier_input)
 
 
-def _read_trained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Trained:
+def read_trained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Trained:
     """Reads a training checkpoint, a run folder (its checkpoints/last.pt) or a safetensors export.
 
     Everything a model is built from is validated first (``checkpoint.py``): names, types
@@ -410,7 +424,7 @@ def _checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _build(trained: Trained) -> nn.Module:
+def build_model_from(trained: Trained) -> nn.Module:
     """The SimCLR module (encoder f and head g) with the stored weights, in eval mode.
 
     Shapes were checked when the file was read; what can still fail here (a dtype that
@@ -524,13 +538,50 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     Raises:
         CheckpointError: the file is missing or is not a simclrkit checkpoint or export.
     """
-    trained = _read_trained(path)
-    encoder = _build(trained).encoder.to(device)
+    trained = read_trained(path)
+    encoder = build_model_from(trained).encoder.to(device)
     encoder.architecture = dict(trained.architecture)
     encoder.preprocess = Preprocess(
         trained.architecture["image_size"], trained.architecture["in_channels"], device
     )
     return encoder
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The fine-tuned, distilled or imported network that predicts classes, in eval mode.
+
+    ``net = load_classifier("runs/x/eval/finetuned_10pct_seed0.pt");
+    logits = net(net.preprocess(images))``
+
+    Args:
+        path: a file holding a classifier (``classifier.py``): what ``simclrkit evaluate
+            --protocol finetune`` and ``simclrkit distill`` write, a safetensors export of one,
+            or what ``simclrkit import-tf`` writes from a checkpoint with a supervised head.
+        device: where the module and ``preprocess``'s output live.
+
+    Returns:
+        A :class:`~simclrkit.classifier.Classifier` (forward: (B, C, S, S) -> logits (B, K))
+        with ``preprocess``, ``architecture`` and ``info`` (the file's training facts).
+
+    Raises:
+        CheckpointError: the file is missing, damaged, or holds no classifier.
+    """
+    from simclrkit.classifier import from_model
+
+    trained = read_trained(path)
+    if trained.classifier_state is None:
+        raise CheckpointError(
+            f"{path} holds an encoder without a classifier; fine-tune it first "
+            "(simclrkit evaluate CHECKPOINT --protocol finetune writes RUN/eval/finetuned_*.pt)"
+        )
+    network = from_model(build_model_from(trained), trained.classifier_input, trained.classifier_state)
+    network = network.to(device).eval()
+    network.architecture = dict(trained.architecture)
+    network.info = dict(trained.info)
+    network.preprocess = Preprocess(
+        trained.architecture["image_size"], trained.architecture["in_channels"], device
+    )
+    return network
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,6 +790,8 @@ def _metadata(trained: Trained, feature_dim: int) -> dict[str, str]:
     }
     if trained.info.get("evaluation"):
         metadata["evaluation"] = jsonout.dumps(trained.info["evaluation"])
+    if trained.classifier_state is not None:
+        metadata["classifier_input"] = str(trained.classifier_input)
     return metadata
 
 
@@ -849,8 +902,10 @@ def export_checkpoint(
       that ``torchvision.models.resnetNN()`` loads with ``strict=False``, only ``fc.*``
       missing. Needs width 1, the ImageNet stem and 3 input channels.
     * ``safetensors``: ``encoder.*`` tensors (and ``head.*`` with ``include_head``) plus
-      metadata (architecture, preprocessing, version, training facts, evaluation);
-      :func:`load_encoder` reads it.
+      metadata (architecture, preprocessing, version, training facts, evaluation), and the
+      classifier (``classifier.*``, with the head when it reads through head layers) of a
+      fine-tuned, distilled or imported network; :func:`load_encoder` and
+      :func:`load_classifier` read it.
     * ``torchscript``: the traced encoder in eval mode (metadata in the archive's extra file
       ``simclrkit.json``).
     * ``onnx``: opset 18, dynamic batch axis, input ``images``, output ``h`` (needs the
@@ -894,7 +949,7 @@ def export_checkpoint(
     outputs = [(out, f"{fmt} export"), (card_path, "model card")]
     inputs = _input_files(checkpoint_path)
     check_outputs(outputs, inputs, overwrite=overwrite, example=_EXAMPLE_NAMES[fmt])
-    trained = _read_trained(checkpoint_path)
+    trained = read_trained(checkpoint_path)
     arch = trained.architecture
     if include_head and trained.head_state is None:
         raise ConfigError(f"--include-head: {checkpoint_path} holds no projection head")
@@ -907,7 +962,7 @@ def export_checkpoint(
                 "Export with --format safetensors instead (load it with "
                 "simclrkit.load_encoder), or torchscript / onnx for a self-contained model"
             )
-    model = _build(trained)
+    model = build_model_from(trained)
     encoder = model.encoder
     write: Callable[[str], None]
     if fmt == "torchvision":
@@ -918,9 +973,13 @@ def export_checkpoint(
         from safetensors.torch import save_file
 
         tensors = {f"encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
-        if include_head:
+        # A classifier that reads through head layers needs the head (classifier.py).
+        if include_head or (trained.classifier_state is not None and trained.classifier_input):
             head = model.head.state_dict()
             tensors.update({f"head.{k}": v.contiguous() for k, v in head.items()})
+        if trained.classifier_state is not None:
+            tensors.update({f"classifier.{k}": v.contiguous()
+                            for k, v in trained.classifier_state.items()})  # fmt: skip
         metadata = _metadata(trained, encoder.feature_dim)
         write = lambda path: save_file(tensors, path, metadata=metadata)  # noqa: E731
     elif fmt == "torchscript":

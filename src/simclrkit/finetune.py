@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simclrkit.classifier import Classifier
 from simclrkit.config import ConfigError
 from simclrkit.evaluate import (
     Source,
     _batches,
-    _feature_dim,
     _test_batches,
     eval_views,
     top_k_accuracies,
@@ -85,34 +85,6 @@ def finetune_epochs(label_fraction: float, device: torch.device | str) -> int:
     return epochs // 2 if torch.device(device).type == "cpu" else epochs
 
 
-class FineTuneNetwork(nn.Module):
-    """Encoder, the first ``selector`` projection-head layers, then a linear classifier.
-
-    SimCLRv2 §2 fine-tunes from the middle of the projection head (``ft_proj_selector=1`` of
-    a 3-layer head); ``selector=0`` is SimCLRv1 (classifier on h). The classifier reads
-    ``head.forward_layers(h)[selector]``, as the reference's ``hiddens_list[ft_proj_selector]``.
-    """
-
-    def __init__(self, encoder: nn.Module, head_layers: Sequence[nn.Module], num_classes: int,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head_layers = nn.ModuleList(head_layers)
-        in_dim = _feature_dim(encoder)
-        for layer in self.head_layers:
-            in_dim = [m for m in layer.modules() if isinstance(m, nn.Linear)][-1].out_features
-        self.classifier = nn.Linear(in_dim, num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.01, generator=generator)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> class logits (B, num_classes)."""
-        hidden = self.encoder.forward_features(x)
-        for layer in self.head_layers:
-            hidden = layer(hidden)
-        return self.classifier(hidden)
-
-
 def finetune(
     encoder: nn.Module,
     train: Source,
@@ -157,7 +129,8 @@ def finetune(
 
     Returns:
         ``top1``, ``top5``, ``epochs``, ``batch_size``, ``lr``, ``steps``, ``num_labelled``,
-        ``proj_selector``, ``finetune_protocol`` and ``predictions``.
+        ``proj_selector``, ``finetune_protocol``, ``predictions`` and ``network`` (the
+        fine-tuned :class:`~simclrkit.classifier.Classifier`, in eval mode, on ``device``).
     """
     if protocol not in FINETUNE_PROTOCOLS:
         raise ConfigError(
@@ -172,7 +145,7 @@ def finetune(
     indices = np.asarray(indices, dtype=np.int64)
     batch_size = min(batch_size, len(indices))
     generator = torch.Generator().manual_seed(seed)
-    network = FineTuneNetwork(
+    network = Classifier(
         copy.deepcopy(encoder), copy.deepcopy(layers[:proj_selector]), num_classes, generator
     ).to(device)
     default_lr, scaling = _PROTOCOL_LR[protocol]
@@ -211,4 +184,5 @@ def finetune(
         "proj_selector": proj_selector,
         "finetune_protocol": protocol,
         "predictions": scores.argmax(dim=1).numpy(),
+        "network": network,
     }

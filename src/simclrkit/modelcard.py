@@ -30,6 +30,8 @@ class Trained:
     head_state: dict[str, torch.Tensor] | None
     architecture: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # step, config, data, evaluation
+    classifier_state: dict[str, torch.Tensor] | None = None  # classifier.py's linear layer
+    classifier_input: int = 0  # the projection-head layers the classifier reads through
 
 
 # --------------------------------------------------------------------------------------------

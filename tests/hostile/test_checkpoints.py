@@ -659,7 +659,7 @@ def _write_damaged(kind: str, state: dict, export: tuple[dict, dict], folder: Pa
     [
         ("evaluate", "no_architecture", "no 'architecture' entry"),
         ("evaluate", "mismatched_width", "has shape"),
-        ("evaluate", "no_config", "no 'config' entry"),
+        ("evaluate", "no_config", "records no training run"),  # name data.dataset instead
         ("evaluate", "bad_config", "optim.lr"),
         ("evaluate", "truncated", "cannot read checkpoint"),
         ("evaluate", "unsafe", "could run code"),
