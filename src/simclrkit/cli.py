@@ -55,6 +55,23 @@ def _parser() -> argparse.ArgumentParser:
         help="with --resume: accept settings that differ from the checkpoint's",
     )
 
+    distill = sub.add_parser(
+        "distill",
+        help="distil a fine-tuned teacher into a student on unlabelled images (SimCLRv2)",
+    )
+    _add_config_arguments(distill, "mnist5k_distill")
+    distill.add_argument("--teacher", default=None,
+                         help="the fine-tuned network (sets distill.teacher)")
+    distill.add_argument("--run-dir", default="runs/distill", help="output folder")
+    distill.add_argument("--quiet", action="store_true", help="no progress output")
+    distill.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
+    )
+    distill.add_argument(
+        "--force", action="store_true",
+        help="with --resume: accept settings that differ from the checkpoint's",
+    )
+
     sub.add_parser("recipes", help="list the bundled recipes")
 
     index = sub.add_parser(
@@ -202,6 +219,34 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from simclrkit.config import load_config
+    from simclrkit.distill import distill
+    from simclrkit.runloop import EXIT_PREEMPTED, Preempted
+
+    overrides = [*args.overrides, *([f"distill.teacher={args.teacher}"] if args.teacher else [])]
+    config = load_config(args.config, overrides)
+    try:
+        summary = distill(config, args.run_dir, resume=args.resume, force=args.force,
+                          quiet=args.quiet)  # fmt: skip
+    except Preempted as stop:
+        print(f"simclrkit: {stop}; continue with: simclrkit distill --run-dir {args.run_dir} "
+              "--resume", file=sys.stderr)  # fmt: skip
+        return EXIT_PREEMPTED
+    print(
+        f"distilled {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
+        f"{summary['train_seconds']:.0f}s at {summary['images_per_second']:.0f} images/s; "
+        f"final loss {summary['final_loss']:.4f}"
+    )
+    if "student_top1" in summary:
+        print(
+            f"test top-1: student {summary['student_top1']:.4f}, teacher "
+            f"{summary['teacher_top1']:.4f} (they agree on {summary['test_agreement']:.1%})"
+        )
+    print(f"run folder: {args.run_dir} (report.md, summary.json, checkpoints/last.pt)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # KEY=VALUE overrides may also follow the options (`pretrain --resume train.epochs=3`),
@@ -269,13 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote {out}: {args.images} images x {args.views} views as pretraining draws them")
             return 0
+        if args.command == "distill":
+            return _distill(args)
         if args.command == "pretrain":
-            from simclrkit.train import (
-                EXIT_PREEMPTED,
-                NonFiniteLossError,
-                Preempted,
-                pretrain,
-            )
+            from simclrkit.runloop import EXIT_PREEMPTED, Preempted
+            from simclrkit.train import NonFiniteLossError, pretrain
 
             config = load_config(args.config, args.overrides)
             try:
