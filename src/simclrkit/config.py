@@ -362,8 +362,31 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """``simclrkit distill`` (SimCLRv2 §2.3, ``distill.py``): a fine-tuned teacher labels the
+    training images, without their labels, for a student built from ``model``."""
+
+    teacher: str | None = None  # a file holding a classifier (fine-tuned, distilled, imported)
+    temperature: float = 1.0  # tau of Eq. 3 (the paper uses 1)
+    # Weight of the distillation loss; 1 - alpha goes to the cross-entropy on the labelled
+    # subset (the paper's weighted combination). 1: distillation alone, as the paper mostly.
+    alpha: float = 1.0
+    label_fraction: float = 0.1  # the labelled subset (class-balanced), used when alpha < 1
+    # random: the student starts from scratch; teacher: from the teacher's weights (same
+    # architecture only; self-distillation).
+    student_init: Literal["random", "teacher"] = "random"
+
+    def __post_init__(self) -> None:
+        _positive("distill.temperature", self.temperature)
+        _fraction("distill.alpha", self.alpha)
+        _fraction("distill.label_fraction", self.label_fraction)
+        if self.label_fraction == 0:
+            raise ConfigError("distill.label_fraction: got 0; allowed: 0 < value <= 1 (0.1 = 10%)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    """A whole pretraining run."""
+    """A whole pretraining (or distillation) run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -372,6 +395,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     recipe: str | None = None  # which recipe this run started from; informational
 
