@@ -259,7 +259,7 @@ def validate_architecture(architecture: Any, source: str) -> dict[str, Any]:
     Raises:
         CheckpointError: naming ``source`` and the first wrong entry.
     """
-    from simclrkit.models import BOTTLENECK_ENCODERS, ENCODER_NAMES
+    from simclrkit.models import BOTTLENECK_ENCODERS, ENCODER_NAMES, STEM_POOLS
 
     def wrong(key: str, allowed: str) -> CheckpointError:
         return CheckpointError(
@@ -301,6 +301,10 @@ def validate_architecture(architecture: Any, source: str) -> dict[str, Any]:
         if value and arch["encoder"] not in BOTTLENECK_ENCODERS:
             raise wrong(key, f"0 for {arch['encoder']} (SimCLRv2's blocks are bottlenecks)")
         arch[key] = value
+    if "stem_pool" in architecture:  # absent: the torchvision-style pool every run builds
+        if architecture["stem_pool"] not in STEM_POOLS:
+            raise wrong("stem_pool", ", ".join(STEM_POOLS))
+        arch["stem_pool"] = architecture["stem_pool"]
     return arch
 
 

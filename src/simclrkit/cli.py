@@ -72,6 +72,25 @@ def _parser() -> argparse.ArgumentParser:
         help="with --resume: accept settings that differ from the checkpoint's",
     )
 
+    importtf = sub.add_parser(
+        "import-tf",
+        help="convert a published SimCLR TensorFlow checkpoint (v1/v2, TF1 or TF2) to a simclrkit file",
+    )
+    importtf.add_argument(
+        "checkpoint",
+        help="a TF1 checkpoint (model.ckpt-N, or its folder) or a TF2 SavedModel folder",
+    )
+    importtf.add_argument(
+        "--out", required=True,
+        help=".safetensors (the export layout) or .pt (the checkpoint layout)",
+    )
+    importtf.add_argument(
+        "--ft-proj-selector", type=int, default=None,
+        help="the projection-head output the supervised head reads (0: h; 1: head layer 1, as "
+        "SimCLRv2's fine-tuned releases); default: read from the saved graph",
+    )
+    importtf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     sub.add_parser("recipes", help="list the bundled recipes")
 
     index = sub.add_parser(
@@ -219,6 +238,42 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_tf(args: argparse.Namespace) -> int:
+    from simclrkit.config import ConfigError
+    from simclrkit.export import save_model_file
+    from simclrkit.importtf import read_tf_model
+    from simclrkit.modelcard import Trained
+
+    imported = read_tf_model(args.checkpoint, ft_proj_selector=args.ft_proj_selector)
+    selector = imported.ft_proj_selector
+    if imported.classifier_state is not None and selector is None:
+        raise ConfigError(
+            f"{args.checkpoint}: the supervised head's input is {imported.classifier_input_dim} "
+            "wide, as h and every hidden head layer are, and no graph beside the weights says "
+            "which it reads; pass --ft-proj-selector (SimCLRv2's fine-tuned releases: 1; "
+            "linear-evaluation heads and SimCLRv1: 0)"
+        )
+    info = {"step": imported.global_step, "config": {},
+            "imported_from": {"source": imported.source, "format": imported.source_format}}
+    trained = Trained(imported.encoder_state, imported.head_state, imported.architecture, info,
+                      imported.classifier_state, selector or 0)  # fmt: skip
+    inputs = [path for path in Path(imported.source).parent.glob("*") if path.is_file()]
+    out = save_model_file(trained, args.out, inputs=inputs, overwrite=args.overwrite)
+    arch = imported.architecture
+    extras = "".join(f", {key} {arch[key]:g}" for key in ("sk_ratio", "se_ratio") if arch[key])
+    head = (f"{arch['head_layers']}-layer projection head" if imported.head_state is not None
+            else "no projection head")  # fmt: skip
+    classifier = (f"a {imported.classifier_state['weight'].shape[0]}-class supervised head on "
+                  f"{'h' if not selector else f'head layer {selector}'}"
+                  if imported.classifier_state is not None else "no supervised head")  # fmt: skip
+    print(f"imported {imported.variables_read} {imported.source_format} variables "
+          f"(step {imported.global_step}): {arch['encoder']} width {arch['width']:g}{extras}, "
+          f"{head}, {classifier} -> {out}")  # fmt: skip
+    for note in imported.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _distill(args: argparse.Namespace) -> int:
     from simclrkit.config import load_config
     from simclrkit.distill import distill
@@ -314,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote {out}: {args.images} images x {args.views} views as pretraining draws them")
             return 0
+        if args.command == "import-tf":
+            return _import_tf(args)
         if args.command == "distill":
             return _distill(args)
         if args.command == "pretrain":

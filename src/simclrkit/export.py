@@ -47,6 +47,7 @@ from simclrkit import __version__, jsonout
 from simclrkit.augment import apply_eval
 from simclrkit.checkpoint import (
     _DAMAGED,
+    FORMAT_VERSION,
     CheckpointError,
     _shown,
     check_classifier,
@@ -74,6 +75,7 @@ __all__ = [
     "load_classifier",
     "load_encoder",
     "model_card_path",
+    "save_model_file",
 ]
 
 FORMATS = ("torchvision", "safetensors", "torchscript", "onnx")
@@ -771,6 +773,9 @@ def _torchvision_blockers(arch: dict[str, Any]) -> list[str]:
     if arch.get("sk_ratio", 0) or arch.get("se_ratio", 0):
         reasons.append("SimCLRv2's selective kernels or squeeze-excitation (torchvision's "
                        "ResNets have neither)")
+    if arch.get("stem_pool") == "tf_same":
+        reasons.append("TensorFlow's 'SAME' stem max-pool of an imported model (torchvision's "
+                       "pads every side, which moves each window by a pixel)")
     if arch["encoder"] == "resnet200":
         reasons.append("depth 200 (torchvision stops at resnet152)")
     return reasons
@@ -884,6 +889,57 @@ def _onnx_writer(encoder: nn.Module, trained: Trained) -> Callable[[str], None]:
             export(path)
 
     return write
+
+
+def save_model_file(trained: Trained, out_path: str | os.PathLike, *, inputs: Sequence[Path] = (),
+                    overwrite: bool = False) -> Path:  # fmt: skip
+    """Writes a network that no simclrkit run produced (an imported TF model, say) as a file
+    every reader here takes: ``.safetensors`` in the export layout (metadata included), or
+    ``.pt`` in the checkpoint layout (without a run's config). Its parts are checked against
+    its architecture first (names, shapes, the classifier), and the file appears whole or not
+    at all.
+
+    Raises:
+        ConfigError: ``out_path`` has another suffix, or is refused by :func:`check_outputs`.
+        CheckpointError: the parts do not fit the architecture.
+    """
+    out = Path(out_path)
+    if out.suffix not in (".safetensors", ".pt"):
+        raise ConfigError(
+            f"--out: {out} ends in {out.suffix or 'no suffix'}; name a .safetensors file (the "
+            "export layout) or a .pt file (the checkpoint layout)"
+        )
+    check_outputs([(out, "model file")], list(inputs), overwrite=overwrite,
+                  example="model.safetensors")  # fmt: skip
+    state = {
+        "format_version": FORMAT_VERSION,
+        "architecture": trained.architecture,
+        "encoder": trained.encoder_state,
+        "head": trained.head_state,
+        "step": trained.info.get("step"),
+        **({"classifier": trained.classifier_state, "classifier_input": trained.classifier_input}
+           if trained.classifier_state is not None else {}),  # fmt: skip
+    }
+    validate_training_checkpoint(state, str(out))
+    model = build_model_from(trained)
+    write: Callable[[str], None]
+    if out.suffix == ".pt":
+        write = lambda path: torch.save(state, path)  # noqa: E731
+    else:
+        from safetensors.torch import save_file
+
+        parts = {"encoder": trained.encoder_state, "head": trained.head_state or {},
+                 "classifier": trained.classifier_state or {}}  # fmt: skip
+        tensors = {f"{part}.{k}": v.contiguous() for part, tensors in parts.items()
+                   for k, v in tensors.items()}  # fmt: skip
+        metadata = _metadata(trained, model.encoder.feature_dim)
+        write = lambda path: save_file(tensors, path, metadata=metadata)  # noqa: E731
+    with StagedOutputs() as staged:
+        staged.write(out, write)
+        check_outputs([(out, "model file")], list(inputs), overwrite=overwrite,
+                      example="model.safetensors")  # fmt: skip
+        staged.commit()
+    return out
 
 
 def export_checkpoint(

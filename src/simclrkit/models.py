@@ -206,6 +206,37 @@ class SKBottleneck(nn.Module):
         return torch.relu(out + shortcut)
 
 
+class TFSameMaxPool2d(nn.Module):
+    """Max-pooling with TensorFlow's ``'SAME'`` padding (the reference's stem pool, 3x3/2).
+
+    TF pads ``max((ceil(n / s) - 1) * s + k - n, 0)`` in total, the smaller half first: for
+    the 3x3/2 pool that is one pixel at the bottom/right of an even-sized map and one on each
+    side of an odd one. ``nn.MaxPool2d(3, 2, padding=1)`` gives the same output size but on
+    even sizes looks one pixel up/left of TF's window.
+    """
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad wants the last dimension first
+            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel_size
+                        - size, 0)  # fmt: skip
+            pads += [total // 2, total - total // 2]
+        x = nn.functional.pad(x, pads, value=float("-inf"))
+        return nn.functional.max_pool2d(x, self.kernel_size, self.stride)
+
+
+STEM_POOLS = ("symmetric", "tf_same")
+
+
+def _stem_pool(kind: str) -> nn.Module:
+    return TFSameMaxPool2d() if kind == "tf_same" else nn.MaxPool2d(3, stride=2, padding=1)
+
+
 class ResNetEncoder(nn.Module):
     """ResNet encoder f: image -> h after global average pooling (paper §2.1, §2.3).
 
@@ -236,6 +267,7 @@ class ResNetEncoder(nn.Module):
         zero_init_residual: bool = True,
         sk_ratio: float = 0.0,
         se_ratio: float = 0.0,
+        stem_pool: str = "symmetric",
     ) -> None:
         """Builds the encoder.
 
@@ -253,6 +285,9 @@ class ResNetEncoder(nn.Module):
                 ResNet-D's three-convolution stem (unless ``cifar_stem``) and average-pool
                 shortcuts. Bottleneck depths (50+) only.
             se_ratio: > 0 adds :class:`SqueezeExcitation` to every bottleneck.
+            stem_pool: the ImageNet stem's 3x3/2 max-pool: "symmetric" (one pixel of padding
+                on every side, torchvision's) or "tf_same" (:class:`TFSameMaxPool2d`, the
+                reference's, which imported TensorFlow weights need).
 
         Raises:
             ValueError: on an unknown depth, a non-positive or non-finite width, or a
@@ -276,6 +311,8 @@ class ResNetEncoder(nn.Module):
                 math.isfinite(ratio) and 0 <= ratio <= 1
             ):
                 raise ValueError(f"{name} must be a number in [0, 1], got {ratio!r}")
+        if stem_pool not in STEM_POOLS:
+            raise ValueError(f"stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}")
         v2_blocks = sk_ratio > 0 or se_ratio > 0
         if v2_blocks and f"resnet{depth}" not in BOTTLENECK_ENCODERS:
             raise ValueError(
@@ -298,7 +335,7 @@ class ResNetEncoder(nn.Module):
                 nn.BatchNorm2d(half), nn.ReLU(inplace=True),
                 nn.Conv2d(half, stem_channels, 3, stride=1, padding=1, bias=False),
             )
-            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.maxpool: nn.Module = _stem_pool(stem_pool)
         elif cifar_stem:
             self.conv1 = nn.Conv2d(
                 in_channels, stem_channels, kernel_size=3, stride=1, padding=1, bias=False
@@ -309,7 +346,7 @@ class ResNetEncoder(nn.Module):
             self.conv1 = nn.Conv2d(
                 in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False
             )
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.maxpool = _stem_pool(stem_pool)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)
 
@@ -406,6 +443,7 @@ def build_encoder(
     zero_init_residual: bool = True,
     sk_ratio: float = 0.0,
     se_ratio: float = 0.0,
+    stem_pool: str = "symmetric",
 ) -> ResNetEncoder:
     """Builds a :class:`ResNetEncoder` from its name.
 
@@ -421,6 +459,7 @@ def build_encoder(
         zero_init_residual: zero-initialise the last BN gamma of each block.
         sk_ratio, se_ratio: SimCLRv2's selective kernels and squeeze-excitation
             (:class:`ResNetEncoder`).
+        stem_pool: "symmetric" or "tf_same" (:class:`ResNetEncoder`).
 
     Returns:
         The encoder; its ``feature_dim`` is the size of h.
@@ -439,6 +478,7 @@ def build_encoder(
         zero_init_residual=zero_init_residual,
         sk_ratio=sk_ratio,
         se_ratio=se_ratio,
+        stem_pool=stem_pool,
     )
 
 
@@ -625,6 +665,7 @@ def build_model(arch: dict[str, Any]) -> SimCLR:
         # absent from architectures stored before SimCLRv2's blocks existed: plain ResNets
         sk_ratio=arch.get("sk_ratio", 0.0),
         se_ratio=arch.get("se_ratio", 0.0),
+        stem_pool=arch.get("stem_pool", "symmetric"),  # "tf_same": imported TF weights
     )
     head = ProjectionHead(
         encoder.feature_dim,
