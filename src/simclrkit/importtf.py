@@ -61,6 +61,16 @@ from torch import nn
 
 from simclrkit.checkpoint import CheckpointError, expected_shapes, validate_architecture
 from simclrkit.errors import UserError
+from simclrkit.models import BOTTLENECK_BLOCKS
+from simclrkit.tflayout import (
+    SK_MIN_DIM,
+    STEM,
+    Entry,
+    Layout,
+    channels,
+    encoder_layout,
+    head_layout,
+)
 
 __all__ = [
     "SK_RATIO",
@@ -73,15 +83,10 @@ __all__ = [
 # The reference's recommended (and the released models') selective-kernel ratio. With its
 # floor of 32 channels the ratio shows in the shapes only where planes * ratio > 32.
 SK_RATIO = 0.0625
-_SK_MIN_DIM = 32
-# Bottleneck ResNets as the reference defines them: depth -> blocks per group.
-_BOTTLENECK_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
-                      200: (3, 24, 36, 3)}  # fmt: skip
 # What a checkpoint without a projection head (SimCLRv1's releases) gets: SimCLRv1's head.
 _DEFAULT_HEAD = {"head": "nonlinear", "head_layers": 2, "proj_dim": 128}
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _INSTALL_HINT = "pip install 'simclrkit[tf]'"
-_STEM = "resnet_model/initial_conv_relu_max_pool"
 
 
 @dataclass(frozen=True)
@@ -116,152 +121,6 @@ class ImportedModel:
     ft_proj_selector: int | None = None
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-# --------------------------------------------------------------------------------------------
-# The expected variables of an architecture, in both namings
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One TF variable: its TF1 name, TF2 path, TF shape, and where it goes in PyTorch."""
-
-    tf1: str
-    tf2: str
-    shape: tuple[int, ...]
-    part: str  # "encoder", "head" or "classifier"
-    key: str  # the state-dict key
-    layout: str  # "conv" (HWIO), "dense" ((in, out)) or "vector"
-    ratio: str = ""  # "sk" / "se": a width the selective-kernel / SE ratio sets
-
-
-class _Layout:
-    """Collects :class:`_Entry` s in the reference's creation order (TF1's numbering)."""
-
-    def __init__(self) -> None:
-        self.entries: list[_Entry] = []
-        self.batch_norms: dict[str, list[str]] = {"encoder": [], "head": []}
-        self._convs = 0
-        self._bns = 0
-
-    def conv(self, tf2: str, key: str, shape: tuple[int, ...], bias: bool = False,
-             ratio: str = "") -> None:  # fmt: skip
-        tf1 = "base_model/conv2d" + (f"_{self._convs}" if self._convs else "")
-        self._convs += 1
-        self.entries.append(_Entry(f"{tf1}/kernel", f"{tf2}/kernel", shape, "encoder",
-                                   f"{key}.weight", "conv", ratio))  # fmt: skip
-        if bias:
-            self.entries.append(_Entry(f"{tf1}/bias", f"{tf2}/bias", (shape[-1],), "encoder",
-                                       f"{key}.bias", "vector"))  # fmt: skip
-
-    def batch_norm(self, tf2: str, key: str, channels: int, *, tf1: str | None = None,
-                   part: str = "encoder", center: bool = True) -> None:  # fmt: skip
-        if tf1 is None:
-            tf1 = "base_model/batch_normalization" + (f"_{self._bns}" if self._bns else "")
-            self._bns += 1
-        names = [("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
-                 ("moving_variance", "running_var")]  # fmt: skip
-        for tf_name, torch_name in names:
-            if tf_name == "beta" and not center:  # the head's last layer: no beta
-                continue
-            self.entries.append(_Entry(f"{tf1}/{tf_name}", f"{tf2}/{tf_name}", (channels,), part,
-                                       f"{key}.{torch_name}", "vector"))  # fmt: skip
-        self.batch_norms[part].append(key)
-
-    def dense(self, tf1: str, tf2: str, key: str, shape: tuple[int, int], part: str,
-              bias: bool = False) -> None:  # fmt: skip
-        self.entries.append(_Entry(f"{tf1}/kernel", f"{tf2}/kernel", shape, part,
-                                   f"{key}weight", "dense"))  # fmt: skip
-        if bias:
-            self.entries.append(_Entry(f"{tf1}/bias", f"{tf2}/bias", (shape[1],), part,
-                                       f"{key}bias", "vector"))  # fmt: skip
-
-
-def _channels(base: int, width: float) -> int:
-    """A channel count at a width multiplier, rounded as ``models.py`` rounds it."""
-    return max(1, int(round(base * width)))
-
-
-def _encoder_layout(depth: int, width: float, stem: str, in_channels: int, sk_ratio: float,
-                    se_ratio: float) -> _Layout:  # fmt: skip
-    """The encoder's variables: reference ``resnet.py`` (TF1) / ``tf2/resnet.py`` (TF2)."""
-    layout = _Layout()
-    stem_channels = _channels(64, width)
-    if stem == "resnet_d":  # three 3x3 convolutions, the first strided (ResNet-D)
-        half = _channels(32, width)
-        layout.conv(f"{_STEM}/0/conv2d", "conv1.0", (3, 3, in_channels, half))
-        layout.batch_norm(f"{_STEM}/1/bn", "conv1.1", half)
-        layout.conv(f"{_STEM}/2/conv2d", "conv1.3", (3, 3, half, half))
-        layout.batch_norm(f"{_STEM}/3/bn", "conv1.4", half)
-        layout.conv(f"{_STEM}/4/conv2d", "conv1.6", (3, 3, half, stem_channels))
-        layout.batch_norm(f"{_STEM}/6/bn", "bn1", stem_channels)
-    else:  # 7x7/2 (ImageNet) or 3x3/1 (CIFAR); an identity layer sits between conv and BN
-        kernel = 7 if stem == "imagenet" else 3
-        layout.conv(f"{_STEM}/0/conv2d", "conv1", (kernel, kernel, in_channels, stem_channels))
-        layout.batch_norm(f"{_STEM}/2/bn", "bn1", stem_channels)
-
-    v2_blocks = sk_ratio > 0 or se_ratio > 0  # models.SKBottleneck, else torchvision's
-    in_planes = stem_channels
-    for group, (blocks, base) in enumerate(zip(_BOTTLENECK_BLOCKS[depth], (64, 128, 256, 512))):
-        planes, stride = _channels(base, width), 1 if group == 0 else 2
-        out_planes = 4 * planes
-        for index in range(blocks):
-            path = f"resnet_model/block_groups/{group}/layers/{index}"
-            key = f"layer{group + 1}.{index}"
-            if index == 0:  # every group's first block projects its shortcut
-                shortcut = f"{path}/projection_layers"
-                if sk_ratio > 0:  # [FixedPadding,] AveragePooling2D, conv, BN
-                    at, conv_key, bn_key = (2 if stride > 1 else 1), "downsample.1", "downsample.2"
-                else:
-                    at, conv_key, bn_key = 0, "downsample.0", "downsample.1"
-                layout.conv(f"{shortcut}/{at}/conv2d", f"{key}.{conv_key}",
-                            (1, 1, in_planes, out_planes))  # fmt: skip
-                layout.batch_norm(f"{shortcut}/{at + 1}/bn", f"{key}.{bn_key}", out_planes)
-            # conv, BN, DropBlock, (SK | conv, BN), DropBlock, conv, BN, DropBlock, [SE]
-            main = f"{path}/conv_relu_dropblock_layers"
-            layout.conv(f"{main}/0/conv2d", f"{key}.conv1", (1, 1, in_planes, planes))
-            layout.batch_norm(f"{main}/1/bn", f"{key}.bn1", planes)
-            if sk_ratio > 0:
-                mid = max(int(planes * sk_ratio), _SK_MIN_DIM)
-                layout.conv(f"{main}/3/conv2d_fixed_padding/conv2d", f"{key}.conv2.conv",
-                            (3, 3, planes, 2 * planes))  # fmt: skip
-                layout.batch_norm(f"{main}/3/batch_norm_relu/bn", f"{key}.conv2.bn", 2 * planes)
-                layout.conv(f"{main}/3/conv2d_0", f"{key}.conv2.fc1", (1, 1, planes, mid),
-                            ratio="sk")  # fmt: skip
-                layout.batch_norm(f"{main}/3/batch_norm_relu_1/bn", f"{key}.conv2.bn_fc", mid)
-                layout.conv(f"{main}/3/conv2d_1", f"{key}.conv2.fc2", (1, 1, mid, 2 * planes))
-                last = 5
-            else:
-                conv2, bn2 = ("conv2.0", "conv2.1") if v2_blocks else ("conv2", "bn2")
-                layout.conv(f"{main}/3/conv2d", f"{key}.{conv2}", (3, 3, planes, planes))
-                layout.batch_norm(f"{main}/4/bn", f"{key}.{bn2}", planes)
-                last = 6
-            layout.conv(f"{main}/{last}/conv2d", f"{key}.conv3", (1, 1, planes, out_planes))
-            layout.batch_norm(f"{main}/{last + 1}/bn", f"{key}.bn3", out_planes)
-            if se_ratio > 0:
-                reduced = max(1, int(planes * se_ratio))
-                layout.conv(f"{main}/{last + 3}/se_reduce", f"{key}.se.reduce",
-                            (1, 1, out_planes, reduced), bias=True, ratio="se")  # fmt: skip
-                layout.conv(f"{main}/{last + 3}/se_expand", f"{key}.se.expand",
-                            (1, 1, reduced, out_planes), bias=True)  # fmt: skip
-            in_planes = out_planes
-    return layout
-
-
-def _head_layout(layout: _Layout, feature_dim: int, layers: int, proj_dim: int,
-                 tf1_names: list[str]) -> None:  # fmt: skip
-    """The projection head (reference ``model_util.projection_head`` / ``tf2/model.py``):
-    per layer a dense kernel without bias and a BatchNorm, the last without beta."""
-    dim = feature_dim
-    for index, name in enumerate(tf1_names[:layers]):
-        last = index == layers - 1
-        out = proj_dim if last else feature_dim
-        tf1, tf2 = f"head_contrastive/{name}", f"_projection_head/linear_layers/{index}"
-        layout.dense(f"{tf1}/dense", f"{tf2}/dense", f"layers.{index}.0.", (dim, out), "head")
-        layout.batch_norm(f"{tf2}/bn_relu/bn", f"layers.{index}.1", out, part="head",
-                          tf1=f"{tf1}/batch_normalization", center=not last)
-        dim = out
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +318,7 @@ class _Variables:
                  naming: str, source: str) -> None:  # fmt: skip
         self.shapes, self.keys, self.naming, self.source = shapes, keys, naming, source
 
-    def name(self, entry: _Entry) -> str:
+    def name(self, entry: Entry) -> str:
         return entry.tf1 if self.naming == "tf1" else entry.tf2
 
     def in_scope(self, prefixes: tuple[str, ...]) -> list[str]:
@@ -478,7 +337,7 @@ class _Variables:
                 extra.append(name)
         return extra
 
-    def problems(self, entries: list[_Entry], prefixes: tuple[str, ...]) -> list[str]:
+    def problems(self, entries: list[Entry], prefixes: tuple[str, ...]) -> list[str]:
         """What keeps ``entries`` from being exactly the variables under ``prefixes``."""
         missing = [e for e in entries if self.name(e) not in self.shapes]
         extra = self.unexpected({self.name(e) for e in entries}, prefixes)
@@ -486,7 +345,7 @@ class _Variables:
         found += [f"unrecognised variable {n} (shape {list(self.shapes[n])})" for n in extra]
         return found
 
-    def check_shapes(self, entries: list[_Entry], what: str) -> None:
+    def check_shapes(self, entries: list[Entry], what: str) -> None:
         for entry in entries:
             shape = self.shapes[self.name(entry)]
             if shape != entry.shape:
@@ -499,7 +358,7 @@ class _Variables:
 def _stem_kind(variables: _Variables) -> tuple[str, float, int]:
     """("imagenet" | "cifar" | "resnet_d", width, in_channels) from the stem convolutions."""
     tf1 = variables.naming == "tf1"
-    name = "base_model/conv2d/kernel" if tf1 else f"{_STEM}/0/conv2d/kernel"
+    name = "base_model/conv2d/kernel" if tf1 else f"{STEM}/0/conv2d/kernel"
     shape = variables.shapes.get(name)
     if shape is None:
         raise CheckpointError(
@@ -514,7 +373,7 @@ def _stem_kind(variables: _Variables) -> tuple[str, float, int]:
     kernel, _, in_channels, out = shape
     if kernel == 7:
         return "imagenet", out / 64, in_channels
-    second = "base_model/conv2d_1/kernel" if tf1 else f"{_STEM}/2/conv2d/kernel"
+    second = "base_model/conv2d_1/kernel" if tf1 else f"{STEM}/2/conv2d/kernel"
     if variables.shapes.get(second, (0,))[0] == 3:  # a second 3x3: ResNet-D's stem
         return "resnet_d", out / 32, in_channels
     return "cifar", out / 64, in_channels
@@ -537,7 +396,7 @@ def _basic_block_hint(variables: _Variables) -> str:
     )
 
 
-def _fit_ratio(variables: _Variables, entries: list[_Entry], kind: str, floor: int,
+def _fit_ratio(variables: _Variables, entries: list[Entry], kind: str, floor: int,
                default: float) -> float:  # fmt: skip
     """The SK or SE ratio that gives the widths the checkpoint holds: ``default`` if it fits,
     else the ratio the widest block shows (checked against every block)."""
@@ -546,7 +405,7 @@ def _fit_ratio(variables: _Variables, entries: list[_Entry], kind: str, floor: i
     found = [(e.shape[2] // (4 if kind == "se" else 1), variables.shapes[variables.name(e)][3], e)
              for e in entries if e.ratio == kind]  # fmt: skip
 
-    def fits(ratio: float) -> _Entry | None:
+    def fits(ratio: float) -> Entry | None:
         for planes, width, entry in found:
             if width != max(int(planes * ratio), floor):
                 return entry
@@ -568,7 +427,7 @@ def _fit_ratio(variables: _Variables, entries: list[_Entry], kind: str, floor: i
     )
 
 
-def _match_encoder(variables: _Variables) -> tuple[dict[str, Any], _Layout]:
+def _match_encoder(variables: _Variables) -> tuple[dict[str, Any], Layout]:
     """Finds the bottleneck ResNet whose variables the checkpoint holds exactly."""
     stem, width, in_channels = _stem_kind(variables)
     scope = ("base_model/",) if variables.naming == "tf1" else ("resnet_model/",)
@@ -579,15 +438,15 @@ def _match_encoder(variables: _Variables) -> tuple[dict[str, Any], _Layout]:
     sk_options = [True] if stem == "resnet_d" else [False] if stem == "imagenet" else [False, True]
     best: tuple[int, list[str]] | None = None
     for sk in sk_options:
-        for depth in _BOTTLENECK_BLOCKS:
+        for depth in BOTTLENECK_BLOCKS:
             sk_ratio, se_ratio = (SK_RATIO if sk else 0.0), (0.25 if has_se else 0.0)
-            layout = _encoder_layout(depth, width, stem, in_channels, sk_ratio, se_ratio)
+            layout = encoder_layout(depth, width, stem, in_channels, sk_ratio, se_ratio)
             problems = variables.problems(layout.entries, scope)
             if not problems:
                 # The names fit; the SK/SE widths say the ratios. Lay out again with them.
-                sk_ratio = _fit_ratio(variables, layout.entries, "sk", _SK_MIN_DIM, sk_ratio)
+                sk_ratio = _fit_ratio(variables, layout.entries, "sk", SK_MIN_DIM, sk_ratio)
                 se_ratio = _fit_ratio(variables, layout.entries, "se", 1, se_ratio)
-                layout = _encoder_layout(depth, width, stem, in_channels, sk_ratio, se_ratio)
+                layout = encoder_layout(depth, width, stem, in_channels, sk_ratio, se_ratio)
                 what = f"a ResNet-{depth} at width {width:g}"
                 variables.check_shapes(layout.entries, what)
                 arch = {"encoder": f"resnet{depth}", "width": float(width),
@@ -605,7 +464,7 @@ def _match_encoder(variables: _Variables) -> tuple[dict[str, Any], _Layout]:
     )
 
 
-def _match_head(variables: _Variables, layout: _Layout, feature_dim: int,
+def _match_head(variables: _Variables, layout: Layout, feature_dim: int,
                 notes: list[str]) -> dict[str, Any] | None:  # fmt: skip
     """Adds the projection head's entries; returns its architecture keys, None if absent."""
     tf1 = variables.naming == "tf1"
@@ -637,7 +496,7 @@ def _match_head(variables: _Variables, layout: _Layout, feature_dim: int,
     proj_dim = last[-1] if len(last) == 2 else 0
     linear = tf1 and tf1_names == ["l_0"]
     entries_before = len(layout.entries)
-    _head_layout(layout, feature_dim, layers, max(proj_dim, 1), tf1_names)
+    head_layout(layout, feature_dim, layers, max(proj_dim, 1), tf1_names)
     head_entries = layout.entries[entries_before:]
     problems = variables.problems(head_entries, scope)
     if problems:
@@ -647,7 +506,7 @@ def _match_head(variables: _Variables, layout: _Layout, feature_dim: int,
             "proj_dim": proj_dim}  # fmt: skip
 
 
-def _match_classifier(variables: _Variables, layout: _Layout) -> tuple[int, int] | None:
+def _match_classifier(variables: _Variables, layout: Layout) -> tuple[int, int] | None:
     """Adds the supervised head's entries; returns (D, K), None if absent."""
     prefix = "head_supervised/linear_layer/dense" if variables.naming == "tf1" else (
         "supervised_head/linear_layer/dense")
@@ -776,7 +635,7 @@ def read_tf_model(path: str | os.PathLike, ft_proj_selector: int | None = None) 
 
     notes: list[str] = []
     arch, layout = _match_encoder(variables)
-    feature_dim = 4 * _channels(512, arch["width"])  # h: layer4's bottleneck output
+    feature_dim = 4 * channels(512, arch["width"])  # h: layer4's bottleneck output
     head = _match_head(variables, layout, feature_dim, notes)
     arch.update(head if head is not None else _DEFAULT_HEAD)
     classifier = _match_classifier(variables, layout)

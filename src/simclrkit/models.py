@@ -43,6 +43,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 __all__ = [
+    "BOTTLENECK_BLOCKS",
     "BOTTLENECK_ENCODERS",
     "ENCODER_NAMES",
     "BatchNorm1dNoBeta",
@@ -70,6 +71,10 @@ ENCODER_NAMES: tuple[str, ...] = tuple(f"resnet{depth}" for depth in _RESNET_SPE
 BOTTLENECK_ENCODERS: tuple[str, ...] = tuple(
     f"resnet{depth}" for depth, (block, _) in _RESNET_SPECS.items() if block is Bottleneck
 )
+# Their blocks per stage: depth -> (layer1..layer4), for readers of other layouts (tflayout.py).
+BOTTLENECK_BLOCKS: dict[int, tuple[int, int, int, int]] = {
+    depth: blocks for depth, (block, blocks) in _RESNET_SPECS.items() if block is Bottleneck
+}
 
 # Images at most this many pixels on a side get the CIFAR stem (paper App. B.9; the reference
 # switches on ``image_size <= 32``).
