@@ -199,3 +199,15 @@ def test_self_distillation_student_starts_as_the_teacher(teacher):
         torch.testing.assert_close(student.eval()(x), net(x), rtol=0, atol=0)
     assert student.proj_selector == 1 and head is not None  # stored with its head
     assert student.encoder is not net.encoder  # a copy: the teacher stays fixed
+
+
+def test_a_non_finite_loss_stops_with_exit_3_before_the_step(tmp_path, teacher):
+    state = load_checkpoint(teacher)
+    state["classifier"]["bias"][3] = float("nan")  # every soft label becomes NaN
+    atomic_save(state, tmp_path / "nan.pt")
+    run_dir = tmp_path / "run"
+    process = run_cli(["distill", "--run-dir", str(run_dir), "--teacher", str(tmp_path / "nan.pt"),
+                       *TINY])  # fmt: skip
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 3 and "non-finite loss at step 1" in err, err
+    assert "Traceback" not in err and not list((run_dir / "checkpoints").glob("*.pt"))

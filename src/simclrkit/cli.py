@@ -278,6 +278,7 @@ def _distill(args: argparse.Namespace) -> int:
     from simclrkit.config import load_config
     from simclrkit.distill import distill
     from simclrkit.runloop import EXIT_PREEMPTED, Preempted
+    from simclrkit.train import NonFiniteLossError
 
     overrides = [*args.overrides, *([f"distill.teacher={args.teacher}"] if args.teacher else [])]
     config = load_config(args.config, overrides)
@@ -288,6 +289,9 @@ def _distill(args: argparse.Namespace) -> int:
         print(f"simclrkit: {stop}; continue with: simclrkit distill --run-dir {args.run_dir} "
               "--resume", file=sys.stderr)  # fmt: skip
         return EXIT_PREEMPTED
+    except NonFiniteLossError as error:
+        print(f"simclrkit: error: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
     print(
         f"distilled {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
         f"{summary['train_seconds']:.0f}s at {summary['images_per_second']:.0f} images/s; "

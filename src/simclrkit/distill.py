@@ -68,7 +68,7 @@ from simclrkit.models import build_model
 from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from simclrkit.pipeline import StepOrder
 from simclrkit.runloop import Preempted, Progress, RunLog, StopRequests
-from simclrkit.train import architecture, config_differences
+from simclrkit.train import NonFiniteLossError, architecture, config_differences
 
 _SCALARS = ("loss", "distill_loss", "teacher_agreement", "lr", "images_per_second")
 
@@ -110,6 +110,7 @@ def distill(
             settings that differ from the checkpoint's without ``force``, or torchrun.
         CheckpointError: the teacher or the checkpoint is damaged.
         Preempted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step exists.
+        NonFiniteLossError: the loss stopped being finite.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("simclrkit distill runs in one process; launch it without torchrun")
@@ -242,9 +243,10 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"distill: the loss became non-finite at step {step + 1}; nothing was "
-                    "checkpointed after it. Lower optim.lr, or check the teacher's outputs"
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1}; stopped before the optimiser step, "
+                    "the last checkpoint is from before it. Lower optim.lr, or check the "
+                    "teacher's outputs"
                 )
             optimizer.step()
             done = step + 1
