@@ -377,7 +377,12 @@ class DistillConfig:
     student_init: Literal["random", "teacher"] = "random"
 
     def __post_init__(self) -> None:
-        _positive("distill.temperature", self.temperature)
+        _positive("distill.temperature", self.temperature, "(the paper uses 1)")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"distill.temperature: got {_show(self.temperature)}; allowed: at least "
+                f"{MIN_TEMPERATURE} (1/temperature scales the logits; the paper uses 1)"
+            )
         _fraction("distill.alpha", self.alpha)
         _fraction("distill.label_fraction", self.label_fraction)
         if self.label_fraction == 0:

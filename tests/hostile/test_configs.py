@@ -71,6 +71,9 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "eval.monitor_every": (0, C.MAX_INT, False, False),
     "eval.monitor_images": (1, C.MAX_INT, False, False),
     "eval.ft_proj_selector": (0, C.MAX_HEAD_LAYERS, False, False),
+    "distill.temperature": (0, _INF, True, True),
+    "distill.alpha": (0, 1, False, False),
+    "distill.label_fraction": (0, 1, True, False),
     "seed": (0, C.MAX_SEED, False, False),
 }
 
