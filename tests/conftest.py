@@ -22,6 +22,7 @@ TINY = [
     "train.checkpoint_every=3",
     "optim.warmup_epochs=0.02",
     "eval.linear=false",
+    "eval.run_page=false",  # drawn by tests/test_runpage.py
 ]
 
 

@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     importtf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
+    report = sub.add_parser(
+        "report", help="rebuild a run's report.md and report.html (curves, neighbours, a map of h)"
+    )
+    report.add_argument("run_dir", help="the run folder")
+    report.add_argument("--device", default="auto")
+
     sub.add_parser("recipes", help="list the bundled recipes")
 
     index = sub.add_parser(
@@ -316,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     # Imports stay inside main so `simclrkit --help` is instant.
-    from simclrkit.config import list_recipes, load_config
+    from simclrkit.config import ConfigError, list_recipes, load_config
 
     try:
         if args.command == "recipes":
@@ -372,6 +378,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_images=args.images, num_views=args.views,
             )
             print(f"wrote {out}: {args.images} images x {args.views} views as pretraining draws them")
+            return 0
+        if args.command == "report":
+            from simclrkit.devices import select_device
+            from simclrkit.report import write_report
+            from simclrkit.runpage import write_run_page
+
+            if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+                raise ConfigError(f"{args.run_dir} is not a run folder (it has no metrics.jsonl)")
+            markdown = write_report(args.run_dir)
+            page = write_run_page(args.run_dir, device=select_device(args.device, key="--device"))
+            print(f"wrote {markdown} and {page}")
             return 0
         if args.command == "import-tf":
             return _import_tf(args)

@@ -325,6 +325,7 @@ class EvalConfig:
     """What runs after pretraining (SPEC §7; ``runeval.py``)."""
 
     linear: bool = True  # logistic regression and kNN on frozen features
+    run_page: bool = True  # report.html: curves, neighbours, a map of h (runpage.py)
     random_init_baseline: bool = True
     raw_pixels_baseline: bool = True  # the same probes on pixels (at most 32 px): no learning
     # `simclrkit evaluate --protocol finetune` of this run: head layers kept under the

@@ -98,6 +98,7 @@ _RESUME_MAY_CHANGE = {
     "recipe",
     # what runs after training, not the training itself
     "eval.linear",
+    "eval.run_page",
     "eval.random_init_baseline",
     "eval.raw_pixels_baseline",
     "eval.batch_size",
@@ -568,7 +569,26 @@ def _pretrain(
     summary["wall_seconds"] = time.perf_counter() - started
     jsonout.write_json(run_dir / "summary.json", summary)
     write_report(run_dir)
+    if config.eval.run_page:
+        _write_run_page(run_dir, device, quiet)
     return summary
+
+
+def _write_run_page(run_dir: Path, device: torch.device, quiet: bool) -> None:
+    """report.html (runpage.py). A finished run's results are already written: a page that
+    cannot be drawn (its data moved, a plotting library missing) is said in one line, and
+    ``simclrkit report`` draws it later."""
+    from simclrkit.errors import UserError, describe
+    from simclrkit.runpage import write_run_page
+
+    try:
+        write_run_page(run_dir, device=device)
+    except (UserError, OSError, ValueError, RuntimeError, ImportError) as error:
+        print(f"simclrkit: report.html not written ({describe(error)}); draw it with: "
+              f"simclrkit report {run_dir}", file=sys.stderr)  # fmt: skip
+        return
+    if not quiet:
+        print(f"simclrkit: wrote {run_dir / 'report.html'}", file=sys.stderr)
 
 
 def _state_to_resume(
