@@ -418,6 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print_results(summary)
                 print(f"run folder: {args.run_dir} (report.md, summary.json, checkpoints/last.pt)")
             return 0
+    except NotImplementedError as error:
+        from simclrkit.devices import missing_operation
+
+        message = missing_operation(error)
+        if message is None:
+            raise
+        print(f"simclrkit: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except (UserError, OSError, MemoryError) as error:
         # Input, files, folders, disks, memory: one line that names the thing and the fix.
         print(f"simclrkit: error: {describe(error)}", file=sys.stderr)

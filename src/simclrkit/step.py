@@ -162,6 +162,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "mps":
+        return "fp32"  # bf16 on MPS depends on the macOS version: asked for, it is checked
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

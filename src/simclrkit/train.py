@@ -261,6 +261,13 @@ def pretrain(
             "train.precision: fp16 needs a CUDA device (mixed precision with a gradient scaler); "
             "on the CPU use fp32 or bf16"
         )
+    if device.type == "mps" and resolve_precision(config.train.precision, device) == "bf16":
+        from simclrkit.devices import mps_supports_bf16
+
+        if not mps_supports_bf16():
+            raise ConfigError(
+                "train.precision: bf16 on the MPS device needs macOS 14 or later; use fp32"
+            )
     info = distributed.init_from_env(device.type, config.train.collective_timeout)
     try:
         if info.world_size > 1 and device.type == "cuda":
