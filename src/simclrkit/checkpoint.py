@@ -10,8 +10,8 @@ Loading always uses ``torch.load(weights_only=True)``: a file whose pickle would
 arbitrary objects (and so could run code) is refused with :class:`CheckpointError`; there is
 no fallback to unsafe loading.
 
-A checkpoint that loads is not yet one that can be used: :func:`load_trained_checkpoint`
-(and :func:`validate_training_checkpoint` behind it) checks what every reader relies on
+A checkpoint that loads is not yet one that can be used: :func:`validate_training_checkpoint`
+(behind ``export.read_trained``, which every reader goes through) checks what they rely on
 before any model is built: the architecture's names, types and bounds
 (:func:`validate_architecture`), the run's config, and that every stored tensor has the shape
 that architecture implies (:func:`check_tensor_shapes`, which builds the model on PyTorch's
@@ -169,7 +169,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Loads a simclrkit training checkpoint and checks its format version.
 
     Only the envelope is checked (a dict with ``format_version`` and ``encoder``); readers
-    that build a model from the file use :func:`load_trained_checkpoint`.
+    that build a model from the file validate it (:func:`validate_training_checkpoint`).
     """
     state = safe_load(path, map_location)
     if not isinstance(state, dict) or "format_version" not in state or "encoder" not in state:
@@ -581,21 +581,6 @@ def validate_training_checkpoint(
         source,
     )
     return checked
-
-
-def load_trained_checkpoint(
-    path: str | os.PathLike,
-    map_location: str | torch.device = "cpu",
-    *,
-    need_config: bool = False,
-    need_head: bool = False,
-) -> dict[str, Any]:
-    """:func:`load_checkpoint` plus :func:`validate_training_checkpoint`: a checkpoint a model
-    can be built from, or a :class:`CheckpointError` that says what is wrong with it."""
-    state = load_checkpoint(path, map_location)
-    return validate_training_checkpoint(
-        state, str(path), need_config=need_config, need_head=need_head
-    )
 
 
 class CheckpointManager:

@@ -34,11 +34,10 @@ from simclrkit.checkpoint import (
     CheckpointError,
     atomic_save,
     expected_shapes,
-    load_trained_checkpoint,
     validate_training_checkpoint,
 )
 from simclrkit.config import ConfigError, load_config
-from simclrkit.export import export_checkpoint, load_encoder
+from simclrkit.export import export_checkpoint, load_encoder, read_trained
 from simclrkit.models import build_model
 from simclrkit.train import pretrain
 
@@ -555,7 +554,7 @@ def test_truncated_checkpoints_and_exports_are_refused(run_dir, export, tmp_path
                 load_encoder(path)
             assert str(path) in str(refused.value) and "\n" not in str(refused.value)
             with pytest.raises(CheckpointError):
-                load_trained_checkpoint(path)
+                read_trained(path)
 
 
 @pytest.mark.parametrize(
@@ -607,7 +606,7 @@ def test_a_pickle_holding_objects_is_refused_as_unsafe_and_runs_nothing(state, t
     }[where]
     path = tmp_path / "unsafe.pt"
     torch.save(damaged, path)
-    for read in (load_encoder, load_trained_checkpoint):
+    for read in (load_encoder, read_trained):
         with pytest.raises(CheckpointError, match="could run code") as refused:
             read(path)
         assert "posix.system" in str(refused.value) or "os.system" in str(refused.value)
