@@ -161,6 +161,50 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing --out file (and its list)"
     )
 
+    index_embeddings = sub.add_parser(
+        "index-embeddings",
+        help="embed images into a nearest-neighbour index folder (for simclrkit search)",
+    )
+    index_embeddings.add_argument(
+        "checkpoint", help="a training checkpoint, run folder or safetensors export"
+    )
+    index_embeddings.add_argument(
+        "images", nargs="+",
+        help="image files and folders (searched recursively); list files for --dataset "
+        "filelist, shard folders for --dataset shards",
+    )
+    index_embeddings.add_argument(
+        "--out", required=True, help="the index folder: new or empty, or an index with --add"
+    )
+    index_embeddings.add_argument("--dataset", default="folder", choices=("folder", "filelist", "shards"))
+    index_embeddings.add_argument(
+        "--kind", default="auto", choices=("auto", "exact", "hnsw"),
+        help="exact (a scan), hnsw (a graph, recall@10 >= 0.95) or auto (exact up to 200,000 "
+        "images); fixed when the index is created",
+    )
+    index_embeddings.add_argument(
+        "--add", action="store_true",
+        help="add the images the index does not hold yet (same checkpoint)",
+    )
+    index_embeddings.add_argument("--batch-size", type=int, default=256)
+    index_embeddings.add_argument("--device", default="auto")
+    index_embeddings.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    search = sub.add_parser(
+        "search", help="the indexed images nearest to query images, or groups of near-duplicates"
+    )
+    search.add_argument("index_dir", metavar="INDEX_DIR", help="written by index-embeddings")
+    search.add_argument(
+        "queries", nargs="*", metavar="QUERY_IMAGES",
+        help="image files and folders (searched recursively), before the options",
+    )
+    search.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
+    search.add_argument("--json", action="store_true", help="JSON on stdout")
+    search.add_argument(
+        "--duplicates", type=float, default=None, metavar="THRESHOLD",
+        help="instead of queries: groups of indexed images linked by cosine >= THRESHOLD",
+    )
+
     show = sub.add_parser(
         "show-augmentations", help="save a grid of source images and their augmented views"
     )
@@ -280,6 +324,72 @@ def _import_tf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_embeddings(args: argparse.Namespace) -> int:
+    from simclrkit.search import index_images
+
+    result = index_images(
+        args.checkpoint, args.images, args.out, dataset=args.dataset, kind=args.kind,
+        add=args.add, batch_size=args.batch_size, device=args.device, quiet=args.quiet,
+    )
+    count, kind = f"{result['count']:,}", result["kind"]
+    if result["added"] or result["created"]:
+        done = (f"indexed {result['added']:,} images" if result["created"] else
+                f"added {result['added']:,} images ({result['already_indexed']:,} were indexed "
+                f"already)")  # fmt: skip
+        print(f"{done} into {result['out']}: {count} {result['dim']}-d vectors, {kind}")
+    else:
+        print(f"nothing added to {result['out']} ({count} vectors, {kind}): "
+              f"{result['already_indexed']:,} of the images given were indexed already")  # fmt: skip
+    if result["hnsw"] and result["added"]:
+        hnsw = result["hnsw"]
+        print(f"efSearch {hnsw['ef_search']}: recall@10 {hnsw['recall_at_10']:.3f} on "
+              f"{hnsw['recall_queries']} indexed images")  # fmt: skip
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} unreadable files (listed in "
+              f"{result['skipped_file']})")  # fmt: skip
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from simclrkit import jsonout
+    from simclrkit.config import ConfigError
+    from simclrkit.embed import shown_name
+    from simclrkit.search import find_duplicates, search_images
+
+    if args.duplicates is not None:
+        if args.queries:
+            raise ConfigError(
+                "--duplicates: lists near-duplicates among the indexed images and takes no "
+                f"query images (got {shown_name(args.queries[0])}); drop one or the other"
+            )
+        groups = find_duplicates(args.index_dir, args.duplicates)
+        if args.json:
+            print(jsonout.dumps(groups, indent=2))
+            return 0
+        print(f"{len(groups)} group{'' if len(groups) == 1 else 's'} of near-duplicates "
+              f"(cosine >= {args.duplicates:g}) in {args.index_dir}")  # fmt: skip
+        for number, group in enumerate(groups, start=1):
+            low, high = group["similarity"]["min"], group["similarity"]["max"]
+            print(f"group {number}: {len(group['paths'])} images, cosine {low:.4f}-{high:.4f}")
+            for path in group["paths"]:
+                print(f"  {shown_name(path)}")
+        return 0
+    if not args.queries:
+        raise ConfigError(
+            "QUERY_IMAGES: name the images to search for, or pass --duplicates THRESHOLD to "
+            "group near-duplicates among the indexed images"
+        )
+    results = search_images(args.index_dir, args.queries, k=args.k)
+    if args.json:
+        print(jsonout.dumps(results, indent=2))
+        return 0
+    for number, result in enumerate(results):
+        print(("\n" if number else "") + f"query {shown_name(result['query'])}")
+        for rank, neighbour in enumerate(result["neighbours"], start=1):
+            print(f"{rank:4d}  {neighbour['similarity']:.4f}  {shown_name(neighbour['path'])}")
+    return 0
+
+
 def _distill(args: argparse.Namespace) -> int:
     from simclrkit.config import load_config
     from simclrkit.distill import distill
@@ -392,6 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "import-tf":
             return _import_tf(args)
+        if args.command == "index-embeddings":
+            return _index_embeddings(args)
+        if args.command == "search":
+            return _search(args)
         if args.command == "distill":
             return _distill(args)
         if args.command == "pretrain":
