@@ -3,7 +3,7 @@
 Builds the two kinds of ``simclrkit index-embeddings`` (``simclrkit.search``) on 100,000 random
 unit vectors of dimension 128 (seed 0): HNSW (M 32, efConstruction 40, efSearch calibrated as
 the command calibrates it) and exact (``IndexFlatIP``). On 1,000 random unit queries it
-measures HNSW's recall@10 against the exact answers (:func:`simclrkit.search.recall_at_k`, the
+measures HNSW's recall@10 against the exact answers (:func:`simclrkit.vectorindex.recall_at_k`, the
 function the tests use), the build time (adding the vectors; HNSW's calibration separately),
 and microseconds per query with the queries in one batch (faiss spreads them over the cores)
 and one at a time (the latency of a single query).
@@ -65,7 +65,7 @@ def _per_query_microseconds(index, queries: np.ndarray, k: int, single: int) -> 
 
 
 def main() -> None:
-    from simclrkit.search import build_vector_index, normalize, recall_at_k
+    from simclrkit.vectorindex import build_vector_index, normalize, recall_at_k
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="indexed vectors")

@@ -20,22 +20,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from simclrkit import search
+from simclrkit import search, vectorindex
 from simclrkit.config import ConfigError, load_config
 from simclrkit.data import load_dataset
 from simclrkit.embed import embed_images, shown_name
 from simclrkit.search import (
-    build_vector_index,
     find_duplicates,
     index_images,
     load_image_index,
-    normalize,
-    recall_at_k,
     search_images,
 )
 from simclrkit.train import pretrain
+from simclrkit.vectorindex import build_vector_index, normalize, recall_at_k
 
 pytest.importorskip("faiss")
 
@@ -153,7 +152,7 @@ def test_hnsw_recall_at_10_on_random_unit_vectors():
     assert recall >= 0.95, facts
     # efSearch is the smallest step that gets there: the one below falls short (measured:
     # recall 0.885 at 512, 0.973 at 1024; random vectors are HNSW's hardest case).
-    ladder = search.EF_SEARCH_LADDER
+    ladder = vectorindex.EF_SEARCH_LADDER
     assert facts["ef_search"] > ladder[0]
     hnsw.hnsw.efSearch = ladder[ladder.index(facts["ef_search"]) - 1]
     assert recall_at_k(hnsw, exact, queries, 10) < 0.95
@@ -302,18 +301,20 @@ def test_any_file_name_round_trips_through_the_command_line(checkpoint, digits, 
     for result in results:
         assert len(result["neighbours"]) == 2
         assert all(set(n) == {"path", "similarity"} for n in result["neighbours"])
-        assert result["neighbours"][0]["path"] == result["query"]
-        assert result["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+        found_paths = [n["path"] for n in result["neighbours"]]
+        assert result["query"] in paths and result["query"] not in found_paths  # not its own
+        assert set(found_paths) <= set(paths)  # neighbour; the others' names round-trip too
     assert os.fsencode(results[1]["query"]).endswith(b"caf\xe9.png")
 
+    # 4 indexed images, each query one of them: its 3 others.
     text = _simclrkit("search", out, folder / names[1], folder / "plain.png", "-k", "4")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert lines[0] == f"query {shown_name(str(folder / names[1]))}" and "caf\\xe9" in lines[0]
-    assert lines[5] == "" and lines[6] == f"query {folder / 'plain.png'}" and len(lines) == 11
-    for line in lines[1:5] + lines[7:11]:
-        assert re.fullmatch(r"   [1-4]  [01]\.\d{4}  \S.*", line), line
-    assert lines[1].endswith("caf\\xe9.png") and "line\\nbreak.png" in text.stdout
+    assert lines[4] == "" and lines[5] == f"query {folder / 'plain.png'}" and len(lines) == 9
+    for line in lines[1:4] + lines[6:9]:
+        assert re.fullmatch(r"   [1-3]  [01]\.\d{4}  \S.*", line), line
+    assert "caf\\xe9.png" in "\n".join(lines[6:9]) and "line\\nbreak.png" in text.stdout
 
 
 def test_user_errors_exit_2_with_one_line(checkpoint, digits, tmp_path):
@@ -417,3 +418,32 @@ def test_an_update_stopped_just_before_or_after_its_commit(checkpoint, digits, t
     assert index_images(checkpoint, [folder], out, add=True, device="cpu", quiet=True)["added"] == 0
     assert _generation_files(out) == ["names.000002.json", "skipped.000002.json",
                                       "vectors.000002.faiss"]  # fmt: skip
+
+
+def test_a_built_in_dataset_is_indexed_and_searched_by_name(checkpoint, tmp_path):
+    """The README's commands after the main one: index MNIST-5k's test digits, search by name."""
+    from simclrkit.evaluate import _test_batches
+    from simclrkit.export import load_encoder
+
+    out = tmp_path / "mnist"
+    built = _simclrkit("index-embeddings", checkpoint, "test", "--dataset", "mnist5k",
+                       "--out", out, "--device", "cpu", "--quiet")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    index = load_image_index(out)
+    assert len(index) == 1000 and index.names[:2] == ["mnist5k:test/0", "mnist5k:test/1"]
+    found = _simclrkit("search", out, "mnist5k:test/3", "--json", "-k", "5")
+    assert found.returncode == 0, found.stderr
+    (result,) = json.loads(found.stdout)
+    # Brute force from the test digits' h, computed here: the query is not its own neighbour.
+    test = load_dataset("mnist5k", None, "test", quiet=True)
+    encoder = load_encoder(checkpoint)
+    with torch.no_grad():
+        h = normalize(torch.cat([encoder(x) for _, x in _test_batches(test, 28, 500)]).numpy())
+    similarity = h @ h[3]
+    similarity[3] = -np.inf
+    expected = np.argsort(-similarity, kind="stable")[:5]
+    assert [n["path"] for n in result["neighbours"]] == [f"mnist5k:test/{i}" for i in expected]
+    assert np.allclose([n["similarity"] for n in result["neighbours"]], similarity[expected],
+                       atol=1e-5)  # fmt: skip
+    _assert_user_error(_simclrkit("index-embeddings", checkpoint, "validation", "--dataset",
+                                  "mnist5k", "--out", tmp_path / "x"), "IMAGES", "train, test")  # fmt: skip

@@ -171,12 +171,17 @@ def _parser() -> argparse.ArgumentParser:
     index_embeddings.add_argument(
         "images", nargs="+",
         help="image files and folders (searched recursively); list files for --dataset "
-        "filelist, shard folders for --dataset shards",
+        "filelist, shard folders for --dataset shards, splits (train, test) for a built-in "
+        "dataset such as --dataset mnist5k",
     )
     index_embeddings.add_argument(
         "--out", required=True, help="the index folder: new or empty, or an index with --add"
     )
-    index_embeddings.add_argument("--dataset", default="folder", choices=("folder", "filelist", "shards"))
+    index_embeddings.add_argument(
+        "--dataset", default="folder",
+        choices=("folder", "filelist", "shards", "mnist5k", "mnist", "fashion-mnist", "cifar10",
+                 "cifar100", "stl10"),
+    )
     index_embeddings.add_argument(
         "--kind", default="auto", choices=("auto", "exact", "hnsw"),
         help="exact (a scan), hnsw (a graph, recall@10 >= 0.95) or auto (exact up to 200,000 "
@@ -196,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("index_dir", metavar="INDEX_DIR", help="written by index-embeddings")
     search.add_argument(
         "queries", nargs="*", metavar="QUERY_IMAGES",
-        help="image files and folders (searched recursively), before the options",
+        help="image files and folders (searched recursively), or names of indexed images "
+        "(mnist5k:test/7)",
     )
     search.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
     search.add_argument("--json", action="store_true", help="JSON on stdout")
@@ -428,9 +434,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # which argparse alone refuses once an option has ended the positional run.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+        # ...and so may image paths (`search DIR --json a.png`, `embed CKPT --out h.npy b/`).
+        trailing = next((name for name in ("overrides", "queries", "images")
+                         if hasattr(args, name)), None)  # fmt: skip
+        keys_only = trailing == "overrides"
+        if trailing is None or any(a.startswith("-") or (keys_only and "=" not in a)
+                                   for a in extra):  # fmt: skip
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+        setattr(args, trailing, [*getattr(args, trailing), *extra])
     # Imports stay inside main so `simclrkit --help` is instant.
     from simclrkit.config import ConfigError, list_recipes, load_config
 

@@ -58,7 +58,6 @@ debris that the next update removes. Loading checks that the vectors, the names 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -77,33 +76,31 @@ import torch
 from simclrkit import __version__, jsonout
 from simclrkit.checkpoint import atomic_write, fsync_folder
 from simclrkit.config import ConfigError
+from simclrkit.vectorindex import (
+    ADD_CHUNK,
+    faiss_module,
+    hnsw_facts,
+    new_vector_index,
+    normalize,
+)
 
 __all__ = [
     "AUTO_EXACT_LIMIT",
     "KINDS",
     "ImageIndex",
-    "build_vector_index",
-    "calibrate_ef_search",
     "find_duplicates",
     "index_images",
     "load_image_index",
-    "recall_at_k",
     "search_images",
 ]
 
 INDEX_FORMAT = "simclrkit-image-index"
 INDEX_FORMAT_VERSION = 1
 KINDS = ("auto", "exact", "hnsw")
-DATASETS = ("folder", "filelist", "shards")
+# Files; and the built-in datasets held in memory (their images are named NAME:SPLIT/ROW).
+DATASETS = ("folder", "filelist", "shards", "mnist5k", "mnist", "fashion-mnist", "cifar10",
+            "cifar100", "stl10")  # fmt: skip
 AUTO_EXACT_LIMIT = 200_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40  # faiss's default
-EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-# The calibration sample's recall@10 has a standard error of ~0.005 (500 queries): asking 0.96
-# of it keeps the recall of new queries above 0.95.
-_CALIBRATION_RECALL = 0.96
-_CALIBRATION_QUERIES = 500
-_ADD_CHUNK = 16384  # vectors handed to faiss at once (its HNSW insertion runs in parallel)
 _PAIR_CHUNK = 4096  # indexed vectors searched at once for near-duplicates
 _DUPLICATE_K = 32  # first k of the k-NN search for near-duplicates in an HNSW index (doubled)
 # A cosine is computed in float32: an exact copy's 1.0 may come out as 0.99999994.
@@ -111,138 +108,6 @@ _TOLERANCE = 1e-6
 _META = "meta.json"
 _GENERATION_FILE = re.compile(r"^(vectors|names|skipped)\.\d{6,}\.(faiss|json)$")
 _REBUILD = "rebuild it: simclrkit index-embeddings CHECKPOINT IMAGES... --out NEW_FOLDER"
-
-
-def _faiss() -> Any:
-    if importlib.util.find_spec("faiss") is None:
-        raise ConfigError(
-            "image search needs faiss: pip install 'simclrkit[search]' (or pip install faiss-cpu)"
-        )
-    import faiss
-
-    return faiss
-
-
-# --------------------------------------------------------------------------------------------
-# Vectors: unit rows, faiss indexes, recall and the HNSW search breadth
-# --------------------------------------------------------------------------------------------
-
-
-def normalize(h: np.ndarray) -> np.ndarray:
-    """(N, D) rows scaled to unit L2 norm, contiguous float32; a zero row stays zero."""
-    h = np.asarray(h, dtype=np.float32)
-    norms = np.linalg.norm(h, axis=1, keepdims=True)
-    return np.ascontiguousarray(h / np.maximum(norms, np.finfo(np.float32).tiny))
-
-
-def new_vector_index(kind: str, dim: int) -> Any:
-    """An empty inner-product faiss index: ``IndexFlatIP`` (exact) or ``IndexHNSWFlat`` (hnsw)."""
-    faiss = _faiss()
-    if kind == "exact":
-        return faiss.IndexFlatIP(dim)
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        return index
-    raise ConfigError(f"--kind: got {kind!r}; allowed: exact, hnsw (or auto)")
-
-
-def _neighbour_ids(index: Any, queries: np.ndarray, k: int, query_ids: np.ndarray | None) -> np.ndarray:
-    """(Q, k) ids of each query's k nearest; with ``query_ids``, each query's own entry is left
-    out (the farthest of k + 1 goes instead when the search did not return it)."""
-    if query_ids is None:
-        return index.search(queries, k)[1]
-    ids = index.search(queries, k + 1)[1]
-    dropped = ids == np.asarray(query_ids)[:, None]
-    dropped[~dropped.any(axis=1), -1] = True
-    return ids[~dropped].reshape(len(ids), k)
-
-
-def recall_at_k(
-    approximate: Any,
-    exact: Any,
-    queries: np.ndarray,
-    k: int,
-    *,
-    query_ids: np.ndarray | None = None,
-) -> float:
-    """Recall@k of an approximate index: the share of each query's true k nearest neighbours
-    that it returns among its own k, averaged over the queries.
-
-    Args:
-        approximate: a faiss index (``IndexHNSWFlat``, say).
-        exact: an exhaustive index over the same vectors (``IndexFlatIP``), or the (Q, k)
-            true neighbour ids when they are already known.
-        queries: (Q, D) float32.
-        k: neighbours per query.
-        query_ids: (Q,) ids of the queries when they are indexed vectors themselves: each
-            one's own entry is left out of both lists (finding itself proves nothing).
-
-    Returns:
-        Recall in [0, 1] (1.0 when there is nothing to find).
-    """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    truth = exact if isinstance(exact, np.ndarray) else _neighbour_ids(exact, queries, k, query_ids)
-    found = _neighbour_ids(approximate, queries, k, query_ids)
-    hits = total = 0
-    for got, true in zip(found, truth):
-        wanted = set(true[true >= 0].tolist())
-        hits += len(wanted.intersection(got.tolist()))
-        total += len(wanted)
-    return hits / total if total else 1.0
-
-
-def calibrate_ef_search(index: Any, *, k: int = 10, seed: int = 0) -> tuple[int, float]:
-    """Sets an HNSW index's efSearch to the smallest of :data:`EF_SEARCH_LADDER` whose
-    recall@k on a sample of the indexed vectors (500, each query's own entry left out)
-    reaches 0.96; returns (efSearch, that recall). The exact neighbours come from a scan of
-    the index's own storage (no copy). When no step reaches it, the largest is kept.
-    """
-    faiss = _faiss()
-    count = index.ntotal
-    k = min(k, count - 1)
-    if k < 1:
-        index.hnsw.efSearch = EF_SEARCH_LADDER[0]
-        return EF_SEARCH_LADDER[0], 1.0
-    sample = min(_CALIBRATION_QUERIES, count)
-    ids = np.sort(np.random.default_rng(seed).choice(count, size=sample, replace=False))
-    queries = index.reconstruct_batch(ids)
-    truth = _neighbour_ids(faiss.downcast_index(index.storage), queries, k, ids)
-    for ef in EF_SEARCH_LADDER:
-        index.hnsw.efSearch = ef
-        recall = recall_at_k(index, truth, queries, k, query_ids=ids)
-        if recall >= _CALIBRATION_RECALL or ef >= count:
-            break
-    return int(index.hnsw.efSearch), recall
-
-
-def _hnsw_facts(index: Any) -> dict[str, Any]:
-    """Calibrates efSearch; what meta.json records about the graph."""
-    ef, recall = calibrate_ef_search(index)
-    return {
-        "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": ef,
-        "recall_at_10": round(recall, 4),
-        "recall_queries": min(_CALIBRATION_QUERIES, index.ntotal),
-    }  # fmt: skip
-
-
-def build_vector_index(vectors: np.ndarray, kind: str) -> tuple[Any, dict[str, Any]]:
-    """A faiss index of (N, D) unit vectors, efSearch calibrated for hnsw.
-
-    Returns:
-        (index, facts): ``build_seconds`` (adding the vectors), and for hnsw
-        ``calibrate_seconds`` and the graph's settings (``ef_search``, ``recall_at_10``, ...).
-    """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = new_vector_index(kind, vectors.shape[1])
-    started = time.perf_counter()
-    for start in range(0, len(vectors), _ADD_CHUNK):
-        index.add(vectors[start : start + _ADD_CHUNK])
-    facts: dict[str, Any] = {"build_seconds": time.perf_counter() - started}
-    if kind == "hnsw":
-        started = time.perf_counter()
-        facts.update(_hnsw_facts(index), calibrate_seconds=time.perf_counter() - started)
-    return index, facts
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +203,7 @@ def load_image_index(folder: str | os.PathLike, *, key: str = "INDEX_DIR") -> Im
         ConfigError: not a folder, no index in it, a newer format, or files that are
             missing, damaged or disagree on the count (the message says how to rebuild).
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     folder = Path(folder)
     if not folder.is_dir() or not (folder / _META).is_file():
         what = "holds no image index (no meta.json)" if folder.is_dir() else "is not a folder"
@@ -391,7 +256,7 @@ def _commit(folder: Path, meta: dict[str, Any], vectors: Any, names: list[str],
             skipped: list[dict[str, str]], previous: dict[str, Any] | None) -> int:  # fmt: skip
     """Writes the generation after ``previous`` (the current meta.json, None for a new index)
     whole, then makes it the current one; returns its number."""
-    faiss = _faiss()
+    faiss = faiss_module()
     generation = previous["generation"] + 1 if previous is not None else 1
     files = {part: f"{part}.{generation:06d}.{suffix}"
              for part, suffix in (("vectors", "faiss"), ("names", "json"), ("skipped", "json"))}  # fmt: skip
@@ -436,6 +301,8 @@ def _image_sets(inputs: Sequence[str | os.PathLike], dataset: str, key: str) -> 
         inputs = [inputs]  # one path, not a sequence of characters
     if dataset == "shards":
         return [ImageFiles(_listed("shards", item, key)) for item in inputs]
+    if dataset not in ("folder", "filelist"):
+        return [_built_in(dataset, str(split), key) for split in inputs]
     if dataset == "folder":
         try:
             paths = [os.path.abspath(path) for path in _expand_inputs(inputs)]
@@ -452,7 +319,31 @@ def _image_sets(inputs: Sequence[str | os.PathLike], dataset: str, key: str) -> 
     return [ImageFiles(index_from_names("folder", "train", os.sep, paths))]
 
 
+def _built_in(dataset: str, split: str, key: str) -> Any:
+    """A built-in dataset's split (``IMAGES`` name splits: train, test), its images named
+    ``NAME:SPLIT/ROW`` (``item_names``)."""
+    from simclrkit.data import load_dataset
+
+    try:
+        images = load_dataset(dataset, None, split, quiet=True)
+    except (ConfigError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else "no such split"
+        raise ConfigError(
+            f"{key}: with --dataset {dataset}, name its splits (train, test); '{split}': {reason}"
+        ) from None
+    _name_rows(images, [f"{dataset}:{split}/{row}" for row in range(len(images))])
+    return images
+
+
+def _name_rows(images: Any, names: list[str]) -> None:
+    """Gives a set of in-memory images the names its rows are indexed under. ImageArray is a
+    frozen dataclass of the data; the names are this module's, kept beside its fields."""
+    object.__setattr__(images, "item_names", names)
+
+
 def _names(files: Any) -> list[str]:
+    if hasattr(files, "item_names"):
+        return list(files.item_names)
     return [files.path(i) for i in range(len(files))]
 
 
@@ -601,7 +492,7 @@ def index_images(
     if kind not in KINDS:
         raise ConfigError(f"--kind: got {kind!r}; allowed: {', '.join(KINDS)}")
     _checked_batch_size(batch_size)
-    _faiss()
+    faiss_module()
     target = select_device(device, key="--device")
     out = Path(out_dir)
     checkpoint = Path(os.path.abspath(_checkpoint_file(checkpoint_path)))
@@ -641,7 +532,7 @@ def index_images(
         if existing is not None and len(names) == before and skipped == existing.skipped:
             # Only files skipped before, and skipped again: nothing to write.
             return {**unchanged, "skipped": bad_now}
-        hnsw = _hnsw_facts(vectors) if chosen == "hnsw" else None
+        hnsw = hnsw_facts(vectors) if chosen == "hnsw" else None
         now = _now()
         meta = {
             "format": INDEX_FORMAT,
@@ -657,7 +548,7 @@ def index_images(
             "updated": now,
             "host": {"name": socket.gethostname(), "platform": platform.platform()},
             "simclrkit_version": __version__,
-            "faiss_version": _faiss().__version__,
+            "faiss_version": faiss_module().__version__,
         }
         generation = _commit(out, meta, vectors, names, skipped,
                              existing.meta if existing is not None else None)  # fmt: skip
@@ -669,17 +560,29 @@ def index_images(
 def _not_indexed(image_sets: list[Any], known: set[str]) -> tuple[list[Any], int]:
     """(the image sets cut to the files not in ``known``, how many were); a file listed twice
     is kept once."""
-    from simclrkit.imagefiles import ImageFiles
-
     todo, already = [], 0
     for files in image_sets:
         names = _names(files)
         keep = [i for i, name in enumerate(names) if name not in known]
         already += len(names) - len(keep)
         known.update(names[i] for i in keep)
+        if keep and len(keep) < len(names):
+            files = _subset(files, keep, [names[i] for i in keep])
         if keep:
-            todo.append(files if len(keep) == len(names) else ImageFiles(files.index.select(keep)))
+            todo.append(files)
     return todo, already
+
+
+def _subset(files: Any, keep: list[int], names: list[str]) -> Any:
+    """The images ``keep`` of a set, named as they were."""
+    from simclrkit.evaluate import select_images
+    from simclrkit.imagefiles import ImageFiles
+
+    if isinstance(files, ImageFiles):
+        return ImageFiles(files.index.select(keep))
+    part = select_images(files, keep)
+    _name_rows(part, names)
+    return part
 
 
 def _embed_into(vectors: Any, names: list[str], todo: list[Any], encoder: torch.nn.Module, *,
@@ -693,7 +596,7 @@ def _embed_into(vectors: Any, names: list[str], todo: list[Any], encoder: torch.
                                       bad=bad, quiet=quiet):  # fmt: skip
             names.extend(file_names[i] for i in positions)
             pending.append(h)
-            if sum(len(rows) for rows in pending) >= _ADD_CHUNK:
+            if sum(len(rows) for rows in pending) >= ADD_CHUNK:
                 vectors.add(np.concatenate(pending))
                 pending = []
         if pending:
@@ -769,12 +672,13 @@ def search_images(
 
     Args:
         index_dir: an index folder (or a loaded :class:`ImageIndex`).
-        queries: image files and folders (searched recursively).
+        queries: image files and folders (searched recursively), or names of indexed images
+            (a built-in dataset's ``NAME:SPLIT/ROW``), looked up by their stored vectors.
         k: neighbours per query (at most the index's size).
 
     Returns:
         ``[{"query": path, "neighbours": [{"path", "similarity"}, ...]}]`` in the queries'
-        order, nearest first.
+        order, nearest first; a query that is itself indexed is not its own neighbour.
 
     Raises:
         ConfigError: bad ``k`` or batch size, no index, a missing or changed checkpoint, no
@@ -788,22 +692,41 @@ def search_images(
     _checked_batch_size(batch_size)
     target = select_device(device, key="--device")
     index = index_dir if isinstance(index_dir, ImageIndex) else load_image_index(index_dir)
-    image_sets = _image_sets(queries, "folder", "QUERY_IMAGES")
-    encoder = load_encoder(_index_checkpoint(index), device=target)
+    if isinstance(queries, (str, os.PathLike)):
+        queries = [queries]
+    # A query that names an indexed image (NAME:SPLIT/ROW of a built-in dataset, or an indexed
+    # file) is looked up by its stored vector; the rest are image files and folders.
+    rows = {name: row for row, name in enumerate(index.names)}
+    named = [str(q) for q in queries if str(q) in rows and not os.path.exists(q)]
+    files_asked = [q for q in queries if str(q) not in named]
     results: list[dict[str, Any]] = []
+    if named:
+        stored = np.stack([index.vectors.reconstruct(rows[name]) for name in named])
+        similarities, ids = index.search(stored, k + 1)
+        results += [_result(name, index, s, i, k) for name, s, i in zip(named, similarities, ids)]
+    if not files_asked:
+        return results
+    image_sets = _image_sets(files_asked, "folder", "QUERY_IMAGES")
+    encoder = load_encoder(_index_checkpoint(index), device=target)
     for files in image_sets:
         names, bad = _names(files), []
         for positions, h in _embedded(encoder, files, batch_size=batch_size, device=target,
                                       bad=bad, quiet=quiet):  # fmt: skip
-            similarities, ids = index.search(h, k)
-            for position, row_similarities, row_ids in zip(positions, similarities, ids):
-                neighbours = [{"path": index.names[i], "similarity": float(s)}
-                              for s, i in zip(row_similarities, row_ids) if i >= 0]  # fmt: skip
-                results.append({"query": names[position], "neighbours": neighbours})
+            similarities, ids = index.search(h, k + 1)
+            results += [_result(names[p], index, s, i, k)
+                        for p, s, i in zip(positions, similarities, ids)]  # fmt: skip
     if not results:
         count = sum(len(files) for files in image_sets)
         raise ConfigError(f"QUERY_IMAGES: none of the {count} query files could be decoded")
     return results
+
+
+def _result(query: str, index: ImageIndex, similarities: np.ndarray, ids: np.ndarray,
+            k: int) -> dict[str, Any]:  # fmt: skip
+    """The k nearest of k + 1 found, the query itself left out where it is indexed."""
+    neighbours = [{"path": index.names[i], "similarity": float(s)}
+                  for s, i in zip(similarities, ids) if i >= 0 and index.names[i] != query]
+    return {"query": query, "neighbours": neighbours[:k]}
 
 
 # --------------------------------------------------------------------------------------------
