@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_NONFINITE
             if summary.get("rank", 0) == 0:  # under torchrun, one report, not one per process
                 _print_results(summary)
-                print(f"run folder: {args.run_dir} (report.md, summary.json, checkpoints/last.pt)")
+                print(f"run folder: {args.run_dir} (report.html, report.md, summary.json, checkpoints/last.pt)")
             return 0
     except NotImplementedError as error:
         from simclrkit.devices import missing_operation
