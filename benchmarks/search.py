@@ -24,32 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step import describe_machine  # noqa: E402 - every benchmark describes the machine alike
 
 
 def _host() -> dict[str, object]:
     import faiss
 
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(), "cpu": model, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "numpy": np.__version__,
-        "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
-    }  # fmt: skip
+    return {"machine": describe_machine(), "numpy": np.__version__, "faiss": faiss.__version__,
+            "faiss_threads": faiss.omp_get_max_threads()}  # fmt: skip
 
 
 def _per_query_microseconds(index, queries: np.ndarray, k: int, single: int) -> dict[str, float]:
@@ -107,8 +97,7 @@ def main() -> None:
     print(f"hnsw   {hnsw_row['build_seconds']:7.2f}  {hnsw_row['calibrate_seconds']:11.2f}  "
           f"{hnsw_row['batched_us_per_query']:16.0f}  {hnsw_row['single_us_per_query']:14.0f}")
     host = report["host"]
-    print(f"host: {host['cpu']} ({host['cpu_count']} cores, faiss {host['faiss']} with "
-          f"{host['faiss_threads']} threads), {host['platform']}")
+    print(f"host: {host['machine']}; faiss {host['faiss']} with {host['faiss_threads']} threads")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -16,24 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _host() -> dict[str, str]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": model, "python": platform.python_version()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step import describe_machine  # noqa: E402 - every benchmark describes the machine alike
 
 
 def _run(recipe: str, holdout: int, overrides: list[str]) -> dict:
@@ -74,7 +64,7 @@ def main() -> None:
         row = rows[name]
         print(f"{name}: linear {row['linear_top1']:.4f} kNN {row['knn_top1']:.4f} "
               f"({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
-        result = {"recipe": args.recipe, "holdout": args.holdout, "host": _host(),
+        result = {"recipe": args.recipe, "holdout": args.holdout, "host": describe_machine(),
                   "variants": rows}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
