@@ -12,6 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from simclrkit.checkpoint import FORMAT_VERSION, atomic_save
+from simclrkit.classifier import from_model
+from simclrkit.models import build_model
+
 # A run that takes seconds on a 2-core CPU: MNIST-5k at 16 px, an eighth-width ResNet-18.
 TINY = [
     "model.width=0.125",
@@ -117,3 +121,22 @@ def write_jpeg_tree(
                 if split == "train":
                     written.append(path)
     return sorted(written)
+
+
+def teacher_arch(image_size: int = 16) -> dict:
+    return {"encoder": "resnet18", "width": 0.125, "in_channels": 1, "cifar_stem": True,
+            "image_size": image_size, "head": "nonlinear", "head_layers": 3, "proj_dim": 16,
+            "sk_ratio": 0.0, "se_ratio": 0.0}  # fmt: skip
+
+
+def write_teacher(path, image_size: int = 16, seed: int = 5):
+    """A classifier file as fine-tuning writes one (reading head layer 1, as SimCLRv2's),
+    with logits large enough that its soft labels are far from uniform."""
+    torch.manual_seed(seed)
+    arch = teacher_arch(image_size)
+    model = build_model(arch).eval()
+    network = from_model(model, 1, None, num_classes=10)
+    torch.nn.init.normal_(network.classifier.weight, std=2.0)
+    atomic_save({"format_version": FORMAT_VERSION, "architecture": arch,
+                 **network.state_parts(model.head)}, path)  # fmt: skip
+    return path

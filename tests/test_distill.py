@@ -11,19 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simclrkit.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
-from simclrkit.classifier import from_model
+from simclrkit.checkpoint import atomic_save, load_checkpoint
 from simclrkit.config import ConfigError, load_config
 from simclrkit.data import load_dataset
 from simclrkit.distill import _student, distill, distillation_loss
 from simclrkit.evaluate import eval_views
 from simclrkit.export import export_checkpoint, load_classifier
 from simclrkit.finetune import class_balanced_subset
-from simclrkit.models import build_model
 from simclrkit.pipeline import StepOrder
 
 from conftest import TINY as PRETRAIN_TINY
-from conftest import assert_states_equal, run_cli, wait_for_step
+from conftest import assert_states_equal, run_cli, teacher_arch, wait_for_step, write_teacher
 
 # conftest's tiny pretraining settings, less those of the model and the evaluation: the
 # student's model is the recipe's, and distillation has no end-of-run evaluation settings.
@@ -31,28 +29,9 @@ TINY = [o for o in PRETRAIN_TINY if not o.startswith(("model.", "eval."))]
 _COMPARED = ("step", "encoder", "classifier", "optimizer", "schedule", "rng")
 
 
-def _teacher_arch(image_size: int = 16) -> dict:
-    return {"encoder": "resnet18", "width": 0.125, "in_channels": 1, "cifar_stem": True,
-            "image_size": image_size, "head": "nonlinear", "head_layers": 3, "proj_dim": 16,
-            "sk_ratio": 0.0, "se_ratio": 0.0}  # fmt: skip
-
-
-def _write_teacher(path, image_size: int = 16, seed: int = 5):
-    """A classifier file as fine-tuning writes one (reading head layer 1, as SimCLRv2's),
-    with logits large enough that its soft labels are far from uniform."""
-    torch.manual_seed(seed)
-    arch = _teacher_arch(image_size)
-    model = build_model(arch).eval()
-    network = from_model(model, 1, None, num_classes=10)
-    torch.nn.init.normal_(network.classifier.weight, std=2.0)
-    atomic_save({"format_version": FORMAT_VERSION, "architecture": arch,
-                 **network.state_parts(model.head)}, path)  # fmt: skip
-    return path
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return _write_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+    return write_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def _final_state(run_dir):
@@ -95,19 +74,22 @@ def test_first_step_loss_equals_a_hand_computation(tmp_path, teacher, alpha):
     # By hand: the student as seeded, the teacher from its file, step 0's images and views.
     train = load_dataset("mnist5k", None, "train", quiet=True)
     net = load_classifier(teacher)
-    arch = {**_teacher_arch(), "head_layers": 3, "proj_dim": 128}
+    arch = {**teacher_arch(), "head_layers": 3, "proj_dim": 128}
     student, _ = _student(config, arch, net)
     epochs, indices = StepOrder(0, len(train), len(train), 32).indices(0)
     assert set(epochs.tolist()) == {0}
     x = eval_views(train, indices, 16, train=True, seed=0, epoch=0)
     with torch.no_grad():
-        expected = alpha * distillation_loss(student.train()(x), net(x), 1.0)
-        if alpha < 1:
+        if alpha == 1:
+            expected = distillation_loss(student.train()(x), net(x), 1.0)
+        else:  # the labelled views go through the student in the same forward (one BN batch)
             subset = torch.as_tensor(class_balanced_subset(train.labels.numpy(), 0.1, 0))
             epochs, rows = StepOrder(1, len(subset), len(subset), 32).indices(0)
             chosen = subset[rows]
-            logits = student(eval_views(train, chosen, 16, train=True, seed=0, epoch=0))
-            expected += (1 - alpha) * F.cross_entropy(logits, train.labels[chosen])
+            labelled = eval_views(train, chosen, 16, train=True, seed=0, epoch=0)
+            both = student.train()(torch.cat([x, labelled]))
+            expected = alpha * distillation_loss(both[:32], net(x), 1.0)
+            expected += (1 - alpha) * F.cross_entropy(both[32:], train.labels[chosen])
     assert logged["step"] == 1
     assert logged["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert (logged["distill_loss"] == pytest.approx(logged["loss"])) == (alpha == 1.0)
@@ -163,14 +145,14 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, teacher, re
 
 
 def test_resume_with_another_teacher_is_refused(tmp_path, teacher, reference):
-    other = _write_teacher(tmp_path / "other.pt", seed=6)
+    other = write_teacher(tmp_path / "other.pt", seed=6)
     config = load_config("mnist5k_distill", [*TINY, f"distill.teacher={other}"])
     with pytest.raises(ConfigError, match="not the file this run was distilled from"):
         distill(config, reference[0], resume=True, quiet=True)
 
 
 def test_refusals_are_one_line_exit_2(tmp_path, teacher):
-    big = _write_teacher(tmp_path / "big.pt", image_size=28)
+    big = write_teacher(tmp_path / "big.pt", image_size=28)
     cases = [
         ([], "distill.teacher: not set"),
         (["--teacher", str(big)], "the teacher takes image_size 28, the student's data gives 16"),
@@ -189,7 +171,7 @@ def test_self_distillation_student_starts_as_the_teacher(teacher):
                                              "model.head_layers=3", "model.proj_dim=16",
                                              "distill.student_init=teacher"])  # fmt: skip
     net = load_classifier(teacher)
-    student, head = _student(config, _teacher_arch(), net)
+    student, head = _student(config, teacher_arch(), net)
     x = torch.rand(4, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(student.eval()(x), net(x), rtol=0, atol=0)

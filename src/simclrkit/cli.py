@@ -414,6 +414,8 @@ def _distill(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         print(f"simclrkit: error: {error}", file=sys.stderr)
         return EXIT_NONFINITE
+    if not summary:  # a torchrun process other than the main one: nothing to say
+        return 0
     print(
         f"distilled {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
         f"{summary['train_seconds']:.0f}s at {summary['images_per_second']:.0f} images/s; "

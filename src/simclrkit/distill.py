@@ -29,9 +29,20 @@ never stopped. The checkpoint records the teacher's sha256; resuming with anothe
 refused. The student's checkpoint is a classifier file like the teacher's, so evaluate,
 export, ``load_classifier`` and a further distillation take it.
 
-Cost per step: one teacher forward and one student forward and backward on B views. One
-process (torchrun is refused): on ImageNet, distilling a ResNet-152 3x into a ResNet-50 for
-the paper's 400 epochs is a multi-GPU job that this loop does not yet spread.
+Several processes (``torchrun``) split each global batch as pretraining does
+(``pipeline.StepOrder``: rank r takes rows [r b, (r + 1) b)): every process runs the teacher on
+its own rows, the student is wrapped in DDP (gradients averaged, which with equal shares is
+the gradient of the global batch's mean loss) and its BatchNorms normalise over the global
+batch (``train.sync_bn``), so W processes train the 1-process run to float rounding. With
+``alpha < 1`` the labelled views ride in the same student forward as the unlabelled ones (one
+forward per backward, as DDP needs), and the labelled batch is cut to a multiple of W. Rank 0
+writes the run folder; the stop signal and the finiteness check are agreed in one reduction.
+
+Cost per step: one teacher forward and one student forward and backward on B (+ labelled)
+views, per process B / W of them, and one all-reduce of the student's gradients (DDP overlaps
+it with the backward). On ImageNet, distilling a ResNet-152 3x into a ResNet-50 for the
+paper's 400 epochs (1.28M images, B 4096: 125k steps) is dominated by the teacher's forward,
+about 3x the student's: a job for 8-64 GPUs, which this loop spreads over as torchrun starts.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclrkit import config as config_lib
-from simclrkit import jsonout, runfolder
+from simclrkit import distributed, jsonout, runfolder
 from simclrkit.checkpoint import (
     FORMAT_VERSION,
     CheckpointManager,
@@ -68,7 +79,7 @@ from simclrkit.models import build_model
 from simclrkit.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from simclrkit.pipeline import StepOrder
 from simclrkit.runloop import Preempted, Progress, RunLog, StopRequests
-from simclrkit.train import NonFiniteLossError, architecture, config_differences
+from simclrkit.train import NonFiniteLossError, architecture, config_differences, process_device
 
 _SCALARS = ("loss", "distill_loss", "teacher_agreement", "lr", "images_per_second")
 
@@ -107,30 +118,35 @@ def distill(
     Raises:
         ConfigError: no or an unusable teacher, a student the teacher cannot teach (other image
             size or channels), a run folder in use or holding a run without ``resume``,
-            settings that differ from the checkpoint's without ``force``, or torchrun.
+            or settings that differ from the checkpoint's without ``force``.
         CheckpointError: the teacher or the checkpoint is damaged.
         Preempted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step exists.
         NonFiniteLossError: the loss stopped being finite.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("simclrkit distill runs in one process; launch it without torchrun")
     if config.distill.teacher is None:
         raise ConfigError(
             "distill.teacher: not set; name a fine-tuned network, e.g. distill.teacher="
             "runs/latest/eval/finetuned_10pct_seed0.pt (written by simclrkit evaluate "
             "CHECKPOINT --protocol finetune)"
         )
-    run_dir = Path(run_dir)
-    with runfolder.claim(run_dir):
-        return _distill(config, run_dir, select_device(config.train.device), resume=resume,
-                        force=force, quiet=quiet)  # fmt: skip
+    device = select_device(config.train.device)
+    info = distributed.init_from_env(device.type, config.train.collective_timeout)
+    try:
+        device = process_device(config, device, info)
+        with runfolder.claim_for_job(run_dir, info):
+            return _distill(config, Path(run_dir), device, info, resume=resume, force=force,
+                            quiet=quiet or not info.is_main)  # fmt: skip
+    finally:
+        if info.initialized_here:
+            distributed.shutdown()
 
 
-def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: bool, force: bool,
-             quiet: bool) -> dict[str, Any]:  # fmt: skip
+def _distill(config: Config, run_dir: Path, device: torch.device, info: distributed.DistInfo, *,
+             resume: bool, force: bool, quiet: bool) -> dict[str, Any]:  # fmt: skip
     import yaml
 
     started = time.perf_counter()
+    main = info.is_main
     teacher_path = Path(config.distill.teacher)
     teacher = load_classifier(teacher_path, device)
     teacher_sha = sha256_of(teacher_path)
@@ -144,7 +160,7 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
     plan = config_lib.resolve(
         config, num_examples=len(train),
         native_image_size=train.native_size or data.image_size or 224,
-        in_channels=train.num_channels,
+        in_channels=train.num_channels, world_size=info.world_size,
     )
     arch = architecture(config, plan)
     for key in ("image_size", "in_channels"):
@@ -163,14 +179,22 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
             )
         labelled = class_balanced_subset(train.labels.numpy(), config.distill.label_fraction,
                                          config.seed)  # fmt: skip
+        if len(labelled) < info.world_size:
+            raise ConfigError(
+                f"distill.label_fraction={config.distill.label_fraction}: {len(labelled)} "
+                f"labelled images cannot be shared by {info.world_size} processes; raise it"
+            )
     if not quiet:
         print(f"simclrkit distill: teacher {teacher_path} ({teacher.num_classes} classes), "
               f"{len(train)} images without their labels; {plan}", file=sys.stderr)  # fmt: skip
-    text = yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)
-    atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
+    if main:
+        text = yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)
+        atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
 
     student, student_head = _student(config, arch, teacher)
     student = student.to(device)
+    if config.train.sync_bn:
+        student = distributed.convert_sync_batchnorm(student)  # same parameters, shared
     optimizer = build_optimizer(
         config.optim.name,
         parameter_groups(student, weight_decay=config.optim.weight_decay,
@@ -190,10 +214,16 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
         start_step, train_seconds = state["step"], state.get("train_seconds", 0.0)
         last_record = state.get("last_record")
 
-    order = StepOrder(config.seed, plan.images_per_epoch, len(train), plan.global_batch_size)
-    labelled_order = None if labelled is None else StepOrder(
-        config.seed + 1, len(labelled), len(labelled), min(plan.global_batch_size, len(labelled))
-    )
+    # The module that runs forward passes; `student` stays the plain one (state, evaluation).
+    forward_student = distributed.wrap_ddp(student, device)
+    world = info.rank, info.world_size
+    order = StepOrder(config.seed, plan.images_per_epoch, len(train), plan.global_batch_size,
+                      *world)  # fmt: skip
+    labelled_order = None
+    if labelled is not None:  # a global labelled batch every process takes an equal share of
+        labelled_batch = min(plan.global_batch_size, len(labelled) // info.world_size * info.world_size)
+        labelled_order = StepOrder(config.seed + 1, len(labelled), len(labelled), labelled_batch,
+                                   *world)  # fmt: skip
 
     def views(source: Any, epochs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         out = torch.empty(len(indices), arch["in_channels"], arch["image_size"], arch["image_size"])
@@ -204,6 +234,11 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
         return out.to(device)
 
     def save(step: int) -> None:
+        # The state is the same on every process (DDP keeps it so); rank 0 writes it, and
+        # nobody goes on (or exits) before the checkpoint is complete.
+        if not main:
+            distributed.barrier()
+            return
         checkpoints.save({
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -217,8 +252,9 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
             "last_record": last_record,
             "teacher": {"file": str(teacher_path), "sha256": teacher_sha},
         }, step)  # fmt: skip
+        distributed.barrier()
 
-    log = RunLog(run_dir, True, resumed_at=start_step if state else None)
+    log = RunLog(run_dir, main, resumed_at=start_step if state else None)
     if start_step < plan.total_steps:
         log.write({"event": "resume" if state else "start", "step": start_step, "time": time.time()})
     progress = Progress(plan.total_steps, start_step, quiet, config.train.log_every)
@@ -229,20 +265,25 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
             x = views(train, *order.indices(step))
             with torch.no_grad():
                 teacher_logits = teacher(x)
-            student_logits = student(x)
+            if labelled_order is None:
+                student_logits = forward_student(x)
+            else:  # one forward for both batches (BN sees them together)
+                epochs, rows = labelled_order.indices(step)
+                chosen = torch.as_tensor(labelled)[rows]
+                both = forward_student(torch.cat([x, views(train, epochs, chosen)]))
+                student_logits, logits = both[: len(x)], both[len(x) :]
             distill_loss = distillation_loss(student_logits, teacher_logits,
                                              config.distill.temperature)  # fmt: skip
             loss = config.distill.alpha * distill_loss
             if labelled_order is not None:
-                epochs, rows = labelled_order.indices(step)
-                chosen = torch.as_tensor(labelled)[rows]
-                logits = student(views(train, epochs, chosen))
                 supervised = F.cross_entropy(logits, train.labels[chosen].to(device))
                 loss = loss + (1 - config.distill.alpha) * supervised
             lr = schedule.apply(optimizer, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if not torch.isfinite(loss):
+            nonfinite, stopping = distributed.all_reduce_flags(
+                ~torch.isfinite(loss), stop.signal_name is not None)
+            if nonfinite:
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step + 1}; stopped before the optimiser step, "
                     "the last checkpoint is from before it. Lower optim.lr, or check the "
@@ -250,34 +291,39 @@ def _distill(config: Config, run_dir: Path, device: torch.device, *, resume: boo
                 )
             optimizer.step()
             done = step + 1
-            window_images += len(x)
+            window_images += len(x) * info.world_size
             record = None
             if done % config.train.log_every == 0 or done == plan.total_steps:
                 now = time.perf_counter()
                 train_seconds += now - window_start
                 record = {
-                    "step": done, "epoch": done / plan.steps_per_epoch, "loss": loss.item(),
-                    "distill_loss": distill_loss.item(), "lr": lr,
-                    "teacher_agreement": float(
+                    # over the global batch
+                    "step": done, "epoch": done / plan.steps_per_epoch,
+                    "loss": distributed.all_reduce_mean(loss.detach()).item(),
+                    "distill_loss": distributed.all_reduce_mean(distill_loss.detach()).item(),
+                    "lr": lr,
+                    "teacher_agreement": distributed.all_reduce_mean(
                         (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
-                    ),
+                    ).item(),
                     "images_per_second": window_images / max(now - window_start, 1e-9),
                 }  # fmt: skip
                 log.write(record, _SCALARS, "train/")
                 last_record = record
                 window_start, window_images = time.perf_counter(), 0
             progress.step(done, record, {})
-            if stop.signal_name is not None:
+            if stopping:  # a signal to any process stops them all after the same step
                 save(done)
                 progress.close()
                 log.write({"event": "preempted", "step": done, "time": time.time()})
                 log.close()
-                raise Preempted(done, stop.signal_name)
+                raise Preempted(done, stop.signal_name or "a signal to another process")
             if done % config.train.checkpoint_every == 0 or done == plan.total_steps:
                 save(done)
     progress.close()
     if state is not None and start_step == plan.total_steps:
         train_seconds = state.get("train_seconds", 0.0)
+    if not main:  # rank 0 evaluates and writes the summary
+        return {}
 
     summary: dict[str, Any] = {
         "steps": plan.total_steps,

@@ -224,6 +224,19 @@ def _torchrun_launch() -> tuple[int, str | None]:
     )
 
 
+def process_device(config: Config, device: torch.device,
+                   info: distributed.DistInfo) -> torch.device:  # fmt: skip
+    """This process's device: GPU ``LOCAL_RANK`` for each of several CUDA processes."""
+    if info.world_size > 1 and device.type == "cuda":
+        if ":" in config.train.device:
+            raise ConfigError(
+                f"train.device: '{config.train.device}' names one GPU, but each of the "
+                f"{info.world_size} processes takes GPU LOCAL_RANK; use cuda or auto"
+            )
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
 def pretrain(
     config: Config,
     run_dir: str | os.PathLike,
@@ -270,13 +283,7 @@ def pretrain(
             )
     info = distributed.init_from_env(device.type, config.train.collective_timeout)
     try:
-        if info.world_size > 1 and device.type == "cuda":
-            if ":" in config.train.device:
-                raise ConfigError(
-                    f"train.device: '{config.train.device}' names one GPU, but each of the "
-                    f"{info.world_size} processes takes GPU LOCAL_RANK; use cuda or auto"
-                )
-            device = torch.device("cuda", info.local_rank)
+        device = process_device(config, device, info)
         # One owner per run folder for the run's whole life (runfolder.py).
         with runfolder.claim_for_job(run_dir, info):
             return _pretrain(

@@ -1,4 +1,4 @@
-"""Launching ``torchrun ... -m simclrkit pretrain`` and finding its worker processes."""
+"""Launching ``torchrun ... -m simclrkit pretrain`` (or ``distill``) and finding its worker processes."""
 
 from __future__ import annotations
 
@@ -28,31 +28,32 @@ TINY_DIST = [
 
 def start_torchrun(
     run_dir: Path, overrides: list[str], *, nproc: int = 2, max_restarts: int = 0,
-    extra: list[str] = (),
+    extra: list[str] = (), command: str = "pretrain",
 ) -> subprocess.Popen:
-    """``python -m torch.distributed.run --standalone ... -m simclrkit pretrain`` as a process."""
+    """``python -m torch.distributed.run --standalone ... -m simclrkit COMMAND`` as a process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    command = [
+    argv = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
         "--monitor-interval=0.1",
-        "-m", "simclrkit", "pretrain", "--run-dir", str(run_dir), "--quiet", *extra,
+        "-m", "simclrkit", command, "--run-dir", str(run_dir), "--quiet", *extra,
         *TINY_DIST, *overrides,
     ]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
 
 
-def start_single(run_dir: Path, overrides: list[str], extra: list[str] = ()) -> subprocess.Popen:
+def start_single(run_dir: Path, overrides: list[str], extra: list[str] = (),
+                 command: str = "pretrain") -> subprocess.Popen:  # fmt: skip
     """The same run in one plain process (no torchrun)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [
-        sys.executable, "-m", "simclrkit", "pretrain", "--run-dir", str(run_dir), "--quiet",
+    argv = [
+        sys.executable, "-m", "simclrkit", command, "--run-dir", str(run_dir), "--quiet",
         *extra, *TINY_DIST, *overrides,
     ]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
 
 
