@@ -34,7 +34,7 @@ from simclrkit.search import (
     search_images,
 )
 from simclrkit.train import pretrain
-from simclrkit.vectorindex import build_vector_index, normalize, recall_at_k
+from simclrkit.vectorindex import add_vectors, new_vector_index, normalize, recall_at_k
 
 pytest.importorskip("faiss")
 
@@ -145,8 +145,11 @@ def test_hnsw_recall_at_10_on_random_unit_vectors():
     rng = np.random.default_rng(0)
     vectors = normalize(rng.standard_normal((100_000, 128), dtype=np.float32))
     queries = normalize(rng.standard_normal((1_000, 128), dtype=np.float32))
-    hnsw, facts = build_vector_index(vectors, "hnsw")
-    exact, _ = build_vector_index(vectors, "exact")
+    # built as index-embeddings builds: chunked adds, then efSearch calibrated
+    hnsw, exact = new_vector_index("hnsw", 128), new_vector_index("exact", 128)
+    add_vectors(hnsw, [vectors])
+    add_vectors(exact, [vectors])
+    facts = vectorindex.hnsw_facts(hnsw)
     assert recall_at_k(exact, exact, queries[:50], 10) == 1.0
     recall = recall_at_k(hnsw, exact, queries, 10)
     assert recall >= 0.95, facts

@@ -77,7 +77,7 @@ from simclrkit import __version__, jsonout
 from simclrkit.checkpoint import atomic_write, fsync_folder
 from simclrkit.config import ConfigError
 from simclrkit.vectorindex import (
-    ADD_CHUNK,
+    add_vectors,
     faiss_module,
     hnsw_facts,
     new_vector_index,
@@ -591,16 +591,15 @@ def _embed_into(vectors: Any, names: list[str], todo: list[Any], encoder: torch.
     the same order; returns the files that did not decode, as ``[{"path", "reason"}]``."""
     skipped = []
     for files in todo:
-        file_names, bad, pending = _names(files), [], []
-        for positions, h in _embedded(encoder, files, batch_size=batch_size, device=device,
-                                      bad=bad, quiet=quiet):  # fmt: skip
-            names.extend(file_names[i] for i in positions)
-            pending.append(h)
-            if sum(len(rows) for rows in pending) >= ADD_CHUNK:
-                vectors.add(np.concatenate(pending))
-                pending = []
-        if pending:
-            vectors.add(np.concatenate(pending))
+        file_names, bad = _names(files), []
+
+        def rows() -> Iterator[np.ndarray]:  # used up before the loop moves on
+            for positions, h in _embedded(encoder, files, batch_size=batch_size, device=device,
+                                          bad=bad, quiet=quiet):  # fmt: skip
+                names.extend(file_names[i] for i in positions)
+                yield h
+
+        add_vectors(vectors, rows())
         skipped += [{"path": file_names[i], "reason": reason} for i, reason in bad]
     return skipped
 

@@ -11,7 +11,7 @@ it is an optional dependency (``pip install 'simclrkit[search]'``).
 from __future__ import annotations
 
 import importlib.util
-import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -141,20 +141,16 @@ def hnsw_facts(index: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def build_vector_index(vectors: np.ndarray, kind: str) -> tuple[Any, dict[str, Any]]:
-    """A faiss index of (N, D) unit vectors, efSearch calibrated for hnsw.
-
-    Returns:
-        (index, facts): ``build_seconds`` (adding the vectors), and for hnsw
-        ``calibrate_seconds`` and the graph's settings (``ef_search``, ``recall_at_10``, ...).
-    """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = new_vector_index(kind, vectors.shape[1])
-    started = time.perf_counter()
-    for start in range(0, len(vectors), ADD_CHUNK):
-        index.add(vectors[start : start + ADD_CHUNK])
-    facts: dict[str, Any] = {"build_seconds": time.perf_counter() - started}
-    if kind == "hnsw":
-        started = time.perf_counter()
-        facts.update(hnsw_facts(index), calibrate_seconds=time.perf_counter() - started)
-    return index, facts
+def add_vectors(index: Any, chunks: Iterable[np.ndarray]) -> None:
+    """Adds (n, D) float32 unit vectors to a faiss index in the order given, handed over
+    ``ADD_CHUNK`` rows at a time however the caller batches them (faiss spreads one ``add`` of
+    an HNSW index over the cores, so many small adds would leave them idle)."""
+    pending, rows = [], 0
+    for chunk in chunks:
+        pending.append(np.asarray(chunk, dtype=np.float32))
+        rows += len(chunk)
+        if rows >= ADD_CHUNK:
+            index.add(np.ascontiguousarray(np.concatenate(pending)))
+            pending, rows = [], 0
+    if pending:
+        index.add(np.ascontiguousarray(np.concatenate(pending)))
